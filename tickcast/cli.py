@@ -1,0 +1,26 @@
+"""The single ``tickcast`` CLI. Each component registers its own subcommands from a small module that
+imports only typer and the standard library at top level (heavy imports happen inside commands), so
+``tickcast --help`` stays fast. Add a component by appending its module to COMMAND_MODULES."""
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="tickcast: real-time crypto-market features, forecasts and signals (analytics only).")
+
+COMMAND_MODULES = [
+    "tickcast.commands",  # broker, topics, up, status
+]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,65 @@
+"""Core subcommands: the embedded broker, topic creation and the one-command stack."""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+def _settings():
+    from tickcast.config import ConfigError, get_settings
+
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def broker(port: int = typer.Option(0, help="loopback port (0: a free one)"),
+           host: str = typer.Option("127.0.0.1")) -> None:
+    """Run the embedded Kafka-compatible broker (tansu, memory storage) with every topic created."""
+    import signal
+    import threading
+
+    from tickcast.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with EmbeddedBroker(port or None, host) as b:
+        typer.echo(f"KAFKA_BOOTSTRAP={b.bootstrap}")
+        sys.stdout.flush()
+        try:
+            while b.running and not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        if not b.running:
+            typer.echo("broker exited unexpectedly", err=True)
+            raise typer.Exit(1)
+
+
+def topics(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP")) -> None:
+    """Create every declared topic on a broker (idempotent) and list them."""
+    from tickcast.topics import TOPICS, ensure_topics
+
+    bootstrap = bootstrap or _settings().kafka_bootstrap
+    if not bootstrap:
+        typer.echo("no broker: set KAFKA_BOOTSTRAP or pass --bootstrap", err=True)
+        raise typer.Exit(2)
+    created = set(ensure_topics(bootstrap))
+    for t in TOPICS:
+        typer.echo(f"{t.name:28s} partitions={t.partitions:<3d} {'created' if t.name in created else 'exists'}")
+
+
+def up() -> None:
+    """Start the whole stack with embedded defaults and supervise it (Ctrl-C stops everything)."""
+    from tickcast.stack import run_stack
+
+    raise typer.Exit(run_stack(_settings()))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(broker)
+    app.command()(topics)
+    app.command()(up)

@@ -1,0 +1,130 @@
+"""Settings for every component, from the environment (and a git-ignored ``.env``).
+
+Names: ``TICKCAST_<FIELD>``; the well-known ones also answer to their common names
+(``KAFKA_BOOTSTRAP``, ``SCHEMA_REGISTRY_URL``, ``MLFLOW_TRACKING_URI``, ``ALCHEMY_API_KEY``).
+Lists accept ``A,B,C`` or JSON. Invalid settings stop the program at start with a readable message.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MVP_SYMBOLS = ["BTCUSDT", "ETHUSDT", "LTCUSDT", "POLUSDT"]
+VALID_DEPTHS = (1, 50, 200, 1000)
+
+
+class ConfigError(RuntimeError):
+    """Settings that cannot work; the message names each bad variable."""
+
+
+def _env(name: str, *aliases: str):
+    return AliasChoices(f"TICKCAST_{name.upper()}", *aliases)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      populate_by_name=True)
+
+    # market data
+    symbols: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(MVP_SYMBOLS),
+                                                    validation_alias=_env("symbols"))
+    category: Literal["linear", "spot", "inverse"] = Field("linear", validation_alias=_env("category"))
+    orderbook_depth: int = Field(50, validation_alias=_env("orderbook_depth"))
+    source: Literal["auto", "bybit", "local"] = Field(
+        "auto", validation_alias=_env("source"),
+        description="auto: Bybit when reachable, otherwise the local simulated exchange")
+    bybit_ws_url: str = Field("wss://stream.bybit.com/v5/public", validation_alias=_env("bybit_ws_url"))
+    bybit_rest_url: str = Field("https://api.bybit.com", validation_alias=_env("bybit_rest_url"))
+    alchemy_api_key: SecretStr | None = Field(None, validation_alias=_env("alchemy_api_key", "ALCHEMY_API_KEY"))
+
+    # kafka
+    kafka_bootstrap: str | None = Field(None, validation_alias=_env("kafka_bootstrap", "KAFKA_BOOTSTRAP"),
+                                        description="unset: start the embedded broker")
+    schema_registry_url: str | None = Field(None, validation_alias=_env("schema_registry_url",
+                                                                        "SCHEMA_REGISTRY_URL"))
+
+    # storage and models
+    data_dir: Path = Field(Path("data"), validation_alias=_env("data_dir"))
+    lake_root: str = Field("data/lake", validation_alias=_env("lake_root"),
+                           description="local path or s3://bucket/prefix")
+    lake_storage_options: dict[str, str] = Field(default_factory=dict,
+                                                 validation_alias=_env("lake_storage_options"))
+    retention_days: int = Field(30, ge=1, validation_alias=_env("retention_days"))
+    mlflow_tracking_uri: str = Field("sqlite:///data/mlflow/mlflow.db",
+                                     validation_alias=_env("mlflow_tracking_uri", "MLFLOW_TRACKING_URI"))
+    model_name: str = Field("tickcast-itransformer", validation_alias=_env("model_name"))
+
+    # serving
+    api_host: str = Field("127.0.0.1", validation_alias=_env("api_host"))
+    api_port: int = Field(8000, ge=1, le=65535, validation_alias=_env("api_port"))
+    api_token: SecretStr | None = Field(None, validation_alias=_env("api_token"),
+                                        description="bearer token for mutating endpoints")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         validation_alias=_env("cors_origins"))
+    ui_port: int = Field(5006, ge=1, le=65535, validation_alias=_env("ui_port"))
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
+
+    @field_validator("symbols", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("symbols")
+    @classmethod
+    def _check_symbols(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one symbol is required")
+        out = []
+        for sym in value:
+            s = sym.upper()
+            if not s.isalnum():
+                raise ValueError(f"symbol {sym!r} must be letters and digits only, e.g. BTCUSDT")
+            if s in out:
+                raise ValueError(f"symbol {s} is listed twice")
+            out.append(s)
+        return out
+
+    @field_validator("orderbook_depth")
+    @classmethod
+    def _check_depth(cls, value: int) -> int:
+        if value not in VALID_DEPTHS:
+            raise ValueError(f"Bybit order-book depth must be one of {VALID_DEPTHS}, got {value}")
+        return value
+
+    @field_validator("lake_storage_options", mode="before")
+    @classmethod
+    def _parse_options(cls, value):
+        if isinstance(value, str):
+            import json
+
+            return json.loads(value) if value.strip() else {}
+        return value
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, or a ConfigError that names every bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"  TICKCAST_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
