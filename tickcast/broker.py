@@ -62,6 +62,13 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "EmbeddedBroker":
+        # tansu does not exit when its port is taken, and readiness would then find the other
+        # broker: check the port ourselves first
+        with socket.socket() as probe:
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise BrokerError(f"cannot start tansu on {self.bootstrap}: {exc.strerror}") from None
         url = f"tcp://{self.host}:{self.port}"
         cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]

@@ -86,11 +86,12 @@ class AvroSchema:
 
 
 def _make_schema(raw: dict) -> AvroSchema:
-    fullname = f'{raw["namespace"]}.{raw["name"]}'
+    # a registry hands back the canonical form: fullname in "name", no "namespace"
+    fullname = f'{raw["namespace"]}.{raw["name"]}' if raw.get("namespace") else raw["name"]
     canonical = to_parsing_canonical_form(parse_schema(copy.deepcopy(raw), named_schemas={}))
     local_id = zlib.crc32(canonical.encode()) & 0x7FFFFFFF
     codec = parse_schema(_strip_logical_types(raw), named_schemas={})
-    return AvroSchema(raw["name"], fullname, raw, canonical, local_id, codec)
+    return AvroSchema(fullname.rsplit(".", 1)[-1], fullname, raw, canonical, local_id, codec)
 
 
 def load_schemas(directory: Path = SCHEMA_DIR) -> dict[str, AvroSchema]:
@@ -172,7 +173,13 @@ class Serde:
         try:
             schemaless_writer(buf, schema.codec, record)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, struct.error) as exc:
-            raise EncodeError(f"{name}: cannot encode record: {type(exc).__name__}: {exc}") from None
+            # the writer's own message may not name the field: let the validator find the path
+            try:
+                _fastavro_validate(record, schema.codec, raise_errors=True)
+                detail = f"{type(exc).__name__}: {exc}"
+            except Exception as verr:
+                detail = str(verr)
+            raise EncodeError(f"{name}: cannot encode record: {detail}") from None
         return buf.getvalue()
 
     def _writer_schema(self, wire_id: int) -> AvroSchema:
