@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MVP_SYMBOLS = ["BTCUSDT", "ETHUSDT", "LTCUSDT", "POLUSDT"]
 VALID_DEPTHS = (1, 50, 200, 1000)
+# news feeds (connectors/news): the seed doc's cryptonews.com plus CoinDesk and Cointelegraph
+DEFAULT_NEWS_FEEDS = ["cryptonews=https://cryptonews.com/news/feed/",
+                      "coindesk=https://www.coindesk.com/arc/outboundfeeds/rss/",
+                      "cointelegraph=https://cointelegraph.com/rss"]
+DEFAULT_NEWS_WEIGHTS = {"cryptonews": 1.0, "coindesk": 1.0, "cointelegraph": 1.0}
 
 
 class ConfigError(RuntimeError):
@@ -66,6 +71,63 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                          validation_alias=_env("cors_origins"))
     ui_port: int = Field(5006, ge=1, le=65535, validation_alias=_env("ui_port"))
+
+    # news feeds (connectors/news): name=url entries, polite poll interval, trust per source in [0, 1]
+    news_feeds: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_NEWS_FEEDS), validation_alias=_env("news_feeds"),
+        description="name=url, comma-separated or a JSON list; the name keys the source weights")
+    news_poll_interval_s: float = Field(120.0, ge=1.0, validation_alias=_env("news_poll_interval_s"))
+    news_source_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_NEWS_WEIGHTS), validation_alias=_env("news_source_weights"),
+        description="name=weight, comma-separated or a JSON object; unknown sources get news_default_weight")
+    news_default_weight: float = Field(0.3, ge=0.0, le=1.0, validation_alias=_env("news_default_weight"))
+    news_local_url: str = Field("http://127.0.0.1:8790", validation_alias=_env("news_local_url"),
+                                description="the local feed server (`tickcast newsfeed`) used when source=local")
+
+    @field_validator("news_feeds", mode="before")
+    @classmethod
+    def _parse_news_feeds(cls, value):
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("news_feeds")
+    @classmethod
+    def _check_news_feeds(cls, value: list[str]) -> list[str]:
+        names = []
+        for raw in value:
+            name, sep, url = (p.strip() for p in raw.partition("="))
+            if not sep or not name or not url.startswith(("http://", "https://")):
+                raise ValueError(f"news feed {raw!r} must be name=http(s)://url")
+            if not all(c.isalnum() or c in "-_" for c in name) or name in names:
+                raise ValueError(f"news feed name {name!r} must be unique letters, digits, - or _")
+            names.append(name)
+        return value
+
+    @field_validator("news_source_weights", mode="before")
+    @classmethod
+    def _parse_news_weights(cls, value):
+        if isinstance(value, str):
+            import json
+
+            value = value.strip()
+            if value.startswith("{"):
+                return json.loads(value)
+            return {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in value.split(",") if p.strip())}
+        return value
+
+    @field_validator("news_source_weights")
+    @classmethod
+    def _check_news_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, w in value.items():
+            if not 0.0 <= w <= 1.0:
+                raise ValueError(f"news source weight of {name!r} must be in [0, 1], got {w}")
+        return value
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
 
