@@ -129,6 +129,36 @@ class Settings(BaseSettings):
                 raise ValueError(f"news source weight of {name!r} must be in [0, 1], got {w}")
         return value
 
+    # market-data gateway (connectors/): local exchange, heartbeats, buffer, resync, metrics, mempool feeds
+    gateway_local_url: str = Field("http://127.0.0.1:8765", validation_alias=_env("gateway_local_url"),
+                                   description="the local exchange (source=local): REST here, WebSocket at "
+                                               "ws://.../v5/public/{category}, mempool feeds at .../mempool/{btc,ltc}")
+    gateway_heartbeat_ms: int = Field(250, ge=10, le=60_000, validation_alias=_env("gateway_heartbeat_ms"))
+    gateway_ping_s: float = Field(20.0, gt=0, le=60, validation_alias=_env("gateway_ping_s"))
+    gateway_buffer_max: int = Field(200_000, ge=100, validation_alias=_env("gateway_buffer_max"),
+                                    description="records held while the broker is unreachable; beyond: dropped, counted")
+    gateway_resync: Literal["resubscribe", "rest"] = Field("resubscribe", validation_alias=_env("gateway_resync"))
+    gateway_metrics_port: int = Field(9102, ge=0, le=65535, validation_alias=_env("gateway_metrics_port"),
+                                      description="Prometheus metrics of the gateway; 0 = off")
+    gateway_rest_rate_per_s: float = Field(10.0, gt=0, le=100, validation_alias=_env("gateway_rest_rate_per_s"))
+    gateway_mempool: bool = Field(True, validation_alias=_env("gateway_mempool"))
+    gateway_news: bool = Field(True, validation_alias=_env("gateway_news"),
+                               description="the gateway runs the news input itself (one process numbers gw_seq)")
+    mempool_btc_url: str = Field("https://mempool.space", validation_alias=_env("mempool_btc_url"))
+    mempool_ltc_url: str = Field("https://litecoinspace.org", validation_alias=_env("mempool_ltc_url"))
+    alchemy_eth_url: str = Field("wss://eth-mainnet.g.alchemy.com/v2", validation_alias=_env("alchemy_eth_url"))
+    alchemy_pol_url: str = Field("wss://polygon-mainnet.g.alchemy.com/v2", validation_alias=_env("alchemy_pol_url"))
+    alchemy_large_transfer: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=lambda: {"ETH": 100.0, "POL": 100_000.0}, validation_alias=_env("alchemy_large_transfer"),
+        description="chain=amount in native units above which a pending transfer counts as large")
+
+    @field_validator("alchemy_large_transfer", mode="before")
+    @classmethod
+    def _parse_large_transfer(cls, value):
+        if isinstance(value, str):
+            return {k.strip().upper(): v.strip() for k, _, v in (p.partition("=") for p in value.split(",") if p.strip())}
+        return value
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
 
     @field_validator("symbols", "cors_origins", mode="before")
