@@ -49,6 +49,8 @@ class GatewayConfig:
     resync: str = "resubscribe"  # or "rest"
     resync_min_interval_s: float = 1.0
     control: bool = True  # listen on tickcast.control
+    metrics_port: int | None = None  # Prometheus /metrics (0: a free port); None: off
+    metrics_addr: str = "127.0.0.1"
     producer_overrides: dict = field(default_factory=dict)
 
 
@@ -93,6 +95,8 @@ class Gateway:
         self.stop_event: asyncio.Event | None = None
         self.rates: dict[str, float] = {}  # events/s per raw topic over the last few seconds
         self._tasks: list[asyncio.Task] = []
+        self.metrics = None
+        self.metrics_port: int | None = None
 
     # -- the hot path ---------------------------------------------------------------------------
     def on_message(self, raw: str, recv_ts: int, conn: BybitConnection | None = None) -> None:
@@ -259,6 +263,8 @@ class Gateway:
             await asyncio.sleep(0.02)
             now = time.monotonic()
             if not history or now - history[-1][0] >= 1.0:
+                if self.metrics is not None:
+                    self.metrics.update()
                 history.append((now, dict(self.publisher.accepted)))
                 history = history[-6:]
                 t0, c0 = history[0]
@@ -278,6 +284,12 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then close the sockets and flush the producer."""
         self.stop_event = stop
+        if self.config.metrics_port is not None:
+            from connectors.metrics import GatewayMetrics
+
+            self.metrics = GatewayMetrics(self)
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
+            log.info("metrics served", extra={"url": f"http://{self.config.metrics_addr}:{self.metrics_port}/metrics"})
         tasks = [asyncio.create_task(c.run(), name=c.name) for c in self.connections]
         tasks.append(asyncio.create_task(self._heartbeats(stop), name="heartbeats"))
         tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))
@@ -305,6 +317,8 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             left = await asyncio.to_thread(self.publisher.flush, 10.0)
+            if self.metrics is not None:
+                self.metrics.close()
             log.info("gateway stopped", extra={"counts": {**self.counts(), "undelivered": left}})
 
 
@@ -369,3 +383,106 @@ async def wait_restore(bootstrap: str, symbols: list[str], serde, stop: asyncio.
             log.warning("cannot read the raw topics yet; retrying", extra={"error": str(exc), "delay_s": delay})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def mempool_inputs(settings, source: Source, symbols: list[str]) -> list[ExtraInput]:
+    """mempool.space / litecoinspace (or the local exchange's compatible feed) and, with an
+    ALCHEMY_API_KEY, Alchemy pending transactions for ETH and POL; each under the market symbols
+    it informs that this gateway follows."""
+    from connectors.mempool import CHAIN_SYMBOLS, AlchemyPendingFeed, MempoolSpaceFeed
+
+    out: list[ExtraInput] = []
+    names = {"BTC": "mempool.space", "LTC": "litecoinspace"}
+    for chain, url in source.mempool_urls.items():
+        syms = [s for s in CHAIN_SYMBOLS[chain] if s in symbols]
+        if not syms or not url:
+            continue
+        venue = source.mempool_venue or names[chain]
+
+        def run(pub, stop, url=url, chain=chain, syms=syms, venue=venue):
+            return MempoolSpaceFeed(url, chain, syms, venue, pub.publish, pub.dead_letter).run(stop)
+        out.append(run)
+    key = settings.alchemy_api_key.get_secret_value() if settings.alchemy_api_key else ""
+    if key and source.kind == "bybit":
+        for chain, base in (("ETH", settings.alchemy_eth_url), ("POL", settings.alchemy_pol_url)):
+            syms = [s for s in CHAIN_SYMBOLS[chain] if s in symbols]
+            if not syms:
+                continue
+            large = float(settings.alchemy_large_transfer.get(chain, 100.0))
+
+            def run(pub, stop, url=f"{base.rstrip('/')}/{key}", chain=chain, syms=syms, large=large):
+                return AlchemyPendingFeed(url, chain, syms, pub.publish, pub.dead_letter,
+                                          large_transfer=large).run(stop)
+            out.append(run)
+    elif not key:
+        log.info("ALCHEMY_API_KEY not set: no ETH/POL pending-transaction feed")
+    return out
+
+
+def news_input(settings, source: Source, symbols: list[str]) -> ExtraInput:
+    """The news poller on the gateway's loop (connectors.news), so one process numbers gw_seq."""
+    async def run(pub, stop):
+        from connectors.news.connector import FeedSpec, NewsConnector, SourceWeights, parse_feed_specs
+        from connectors.news.dedupe import SeenStore
+        from connectors.news.feedserver import DEFAULT_FORMATS
+        from connectors.news.publish import run_news_input
+
+        if source.kind == "local":
+            base = settings.news_local_url.rstrip("/")
+            feeds = [FeedSpec(n, f"{base}/feeds/{n}.{fmt}", f"sim.news.{n}") for n, fmt in DEFAULT_FORMATS.items()]
+        else:
+            feeds = parse_feed_specs(settings.news_feeds)
+        connector = NewsConnector(feeds, store=SeenStore(settings.data_dir / "news" / "seen.json"),
+                                  weights=SourceWeights(settings.news_source_weights, settings.news_default_weight),
+                                  poll_interval_s=settings.news_poll_interval_s)
+        async with connector:
+            return await run_news_input(connector, pub, symbols, stop=stop)
+    return run
+
+
+async def serve(settings, bootstrap: str, stop: asyncio.Event, *, symbols: list[str] | None = None,
+                mempool: bool | None = None, news: bool | None = None, metrics_port: int | None = None) -> int:
+    """``tickcast gateway``: choose the source, resolve the symbols, restore gw_seq, run until stop."""
+    from connectors.rest import BybitRest, RestError, resolve_symbols
+    from tickcast.serde import default_serde
+
+    source = await choose_source(settings)
+    wanted = list(symbols or settings.symbols)
+    probe = BybitRest(source.rest_url, category=settings.category, rate_per_s=settings.gateway_rest_rate_per_s,
+                      max_retries=1, backoff_base_s=0.5, backoff_403_s=1.0, timeout_s=10.0)
+    try:
+        instruments = await asyncio.wait_for(probe.instruments(), timeout=30)
+    except (RestError, TimeoutError, OSError) as exc:
+        log.warning("instruments-info unavailable: symbols not validated (known renames still applied)",
+                    extra={"error": str(exc), "url": source.rest_url})
+        instruments = None
+    finally:
+        await probe.aclose()
+    try:
+        resolved, info = resolve_symbols(wanted, instruments)
+    except ValueError as exc:
+        log.error(str(exc))
+        return 2
+    for sym, inst in info.items():
+        log.info("instrument", extra={"symbol": sym, "tick_size": inst.tick_size, "qty_step": inst.qty_step})
+    serde = default_serde()
+    next_seq = await wait_restore(bootstrap, resolved, serde, stop)
+    log.info("gw_seq restored from Kafka", extra={"next_seq": next_seq})
+    extra: list[ExtraInput] = []
+    if settings.gateway_mempool if mempool is None else mempool:
+        extra += mempool_inputs(settings, source, resolved)
+    if settings.gateway_news if news is None else news:
+        extra.append(news_input(settings, source, resolved))
+    rest = BybitRest(source.rest_url, category=settings.category, rate_per_s=settings.gateway_rest_rate_per_s)
+    port = settings.gateway_metrics_port if metrics_port is None else metrics_port
+    config = GatewayConfig(symbols=resolved, ws_url=source.ws_url, venue=source.venue,
+                           depth=settings.orderbook_depth, heartbeat_ms=settings.gateway_heartbeat_ms,
+                           ping_s=settings.gateway_ping_s, buffer_max=settings.gateway_buffer_max,
+                           resync=settings.gateway_resync, metrics_port=port or None,
+                           metrics_addr="0.0.0.0" if settings.api_host == "0.0.0.0" else "127.0.0.1")
+    gw = Gateway(config, bootstrap, next_seq=next_seq, serde=serde, rest=rest, extra_inputs=extra)
+    try:
+        await gw.run(stop)
+    finally:
+        await rest.aclose()
+    return 0

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.bybit.parse import ParseError, check_decimal, levels
+from connectors.bybit.parse import ParseError, check_decimal, check_signed, levels
 from tickcast.logs import get_logger
 
 log = get_logger("gateway.rest")
@@ -281,13 +281,16 @@ def resolve_symbols(symbols: list[str], instruments: dict[str, Instrument] | Non
 # --- records -----------------------------------------------------------------------------------
 
 
-def kline_record(symbol: str, venue: str, row: list[str], interval: str, recv_ts: int) -> dict:
-    """A closed candle of ``/v5/market/kline`` ([start, open, high, low, close, volume, turnover])."""
+def kline_record(symbol: str, venue: str, row: list[str], interval: str) -> dict:
+    """A closed candle of ``/v5/market/kline`` ([start, open, high, low, close, volume, turnover]).
+
+    Historical load (``gw_seq`` -1), as ``flows.kline_history`` writes it: ``exchange_ts`` is the
+    candle's last millisecond and ``recv_ts`` the same instant in µs, so a re-import is identical."""
     if not isinstance(row, list) or len(row) < 6:
         raise ParseError("wrong_type", f"kline row {row!r} is not [start, open, high, low, close, volume, ...]")
     start = int(row[0])
     end = start + INTERVAL_MS[interval] - 1
-    return {"symbol": symbol, "venue": venue, "exchange_ts": end, "recv_ts": recv_ts, "gw_seq": -1,
+    return {"symbol": symbol, "venue": venue, "exchange_ts": end, "recv_ts": end * 1000, "gw_seq": -1,
             "interval": interval, "start_ts": start, "end_ts": end,
             "open": check_decimal(row[1], "open"), "high": check_decimal(row[2], "high"),
             "low": check_decimal(row[3], "low"), "close": check_decimal(row[4], "close"),
@@ -311,11 +314,9 @@ def orderbook_record(symbol: str, venue: str, result: dict, depth: int, recv_ts:
             "bid_px": bid_px, "bid_sz": bid_sz, "ask_px": ask_px, "ask_sz": ask_sz}
 
 
-def funding_record(symbol: str, venue: str, item: dict, recv_ts: int) -> dict:
-    """A settlement of ``/v5/market/funding/history``."""
-    from connectors.bybit.parse import _check_signed
-
+def funding_record(symbol: str, venue: str, item: dict) -> dict:
+    """A settlement of ``/v5/market/funding/history`` (historical: gw_seq -1, recv_ts = its time)."""
     ts = int(item["fundingRateTimestamp"])
-    return {"symbol": symbol, "venue": venue, "exchange_ts": ts, "recv_ts": recv_ts, "gw_seq": -1,
-            "kind": "settlement", "funding_rate": _check_signed(item["fundingRate"], "fundingRate"),
+    return {"symbol": symbol, "venue": venue, "exchange_ts": ts, "recv_ts": ts * 1000, "gw_seq": -1,
+            "kind": "settlement", "funding_rate": check_signed(item["fundingRate"], "fundingRate"),
             "next_funding_time": None, "funding_interval_hour": None}

@@ -88,7 +88,7 @@ def check_decimal(value: Any, field: str) -> str:
     raise _bad_decimal(value, field)
 
 
-def _check_signed(value: Any, field: str) -> str:
+def check_signed(value: Any, field: str) -> str:
     if type(value) is str and _SIGNED_DEC.fullmatch(value):
         return value
     raise _bad_decimal(value, field, signed=True)
@@ -156,7 +156,7 @@ def _ticker_value(key: str, kind: str, value: Any) -> Any:
     if kind == "dec":
         return check_decimal(value, key)
     if kind == "signed":
-        return _check_signed(value, key)
+        return check_signed(value, key)
     # integers arrive as strings ("1786320000000", "8"); accept JSON ints too
     if type(value) is int:
         return value
