@@ -13,6 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 COMMAND_MODULES = [
     "tickcast.commands",  # broker, topics, up, status
     "connectors.news.cli",  # news (feed poller), newsfeed (local RSS/Atom server)
+    "connectors.cli",  # gateway (market data -> Kafka), backfill (REST klines -> lake)
 ]
 
 for _name in COMMAND_MODULES:
