@@ -318,7 +318,7 @@ def _write_dead_letters(lake: Lake, bad: list[BadRow], source: str, origin: str)
 
 
 def _import(lake: Lake, table: str, records: Iterable[dict | BadRow], *, source: str, origin: str,
-            key, existing, validate, chunk_rows: int, progress: bool) -> ImportReport:
+            key, existing, validate, chunk_rows: int, progress: bool, trusted: bool = False) -> ImportReport:
     from tqdm import tqdm
 
     from tickcast.serde import default_serde
@@ -367,8 +367,9 @@ def _import(lake: Lake, table: str, records: Iterable[dict | BadRow], *, source:
             rec = dict(item)
             rec["gw_seq"] = HISTORY_GW_SEQ
             try:
-                avro_validate(rec, schema.codec, raise_errors=True)
-                validate(rec)
+                if not trusted:  # the readers above validated their records already
+                    avro_validate(rec, schema.codec, raise_errors=True)
+                    validate(rec)
             except Exception as exc:  # fastavro's ValidationError or our ValueError: a dead letter
                 bad.append(BadRow(rec.get("symbol") if isinstance(rec.get("symbol"), str) else None,
                                   "invalid_record", str(exc), json.dumps(rec, default=str, sort_keys=True).encode()))
@@ -393,12 +394,14 @@ def _import(lake: Lake, table: str, records: Iterable[dict | BadRow], *, source:
 
 
 def import_klines(lake: Lake, records: Iterable[dict | BadRow], *, source: str = "records", origin: str | None = None,
-                  chunk_rows: int = 200_000, progress: bool = False) -> ImportReport:
-    """Import kline records (e.g. from the REST backfill, or ``read_*`` above) into ``raw_kline``."""
+                  chunk_rows: int = 200_000, progress: bool = False, trusted: bool = False) -> ImportReport:
+    """Import kline records (e.g. from the REST backfill, or ``read_*`` above) into ``raw_kline``.
+    Records are validated (Avro schema + candle sanity) unless ``trusted`` (they come from the
+    ``read_*`` functions, which validate each row and turn bad ones into BadRow)."""
     return _import(lake, "raw_kline", records, source=source, origin=origin or source,
                    key=lambda r: (r["symbol"], r["interval"], r["start_ts"]),
                    existing=lambda lk, g, lo, hi: _existing_kline_keys(lk, g[0], g[1], lo, hi),
-                   validate=validate_kline, chunk_rows=chunk_rows, progress=progress)
+                   validate=validate_kline, chunk_rows=chunk_rows, progress=progress, trusted=trusted)
 
 
 def import_funding(lake: Lake, records: Iterable[dict | BadRow], *, source: str = "records",
@@ -448,7 +451,7 @@ def import_kline_file(lake: Lake, path: str | Path, *, layout: str = "auto", sym
         source = "bybit_rest"
     else:
         raise HistoryError(f"unknown layout {layout!r}: auto, bybit-csv, binance-csv or bybit-rest-json")
-    return import_klines(lake, recs, source=source, origin=path.name, progress=progress)
+    return import_klines(lake, recs, source=source, origin=path.name, progress=progress, trusted=True)
 
 
 def import_funding_file(lake: Lake, path: str | Path, *, symbol: str | None = None,
