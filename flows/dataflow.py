@@ -1,0 +1,70 @@
+"""The feature dataflow: one function, used unchanged online and offline.
+
+    raw (symbol, [(schema, record), ...])  --split-->  dead letters  -> sinks.dead_letters
+                                            \\-> engine (per symbol, stateful) -> features -> sinks.features
+                                                                              \\-> control  -> sinks.control
+
+Online (``flows/online_features.py``) the source reads the raw Kafka topics and the sinks write to
+``features.live``, ``tickcast.control`` and ``tickcast.deadletter``. Offline
+(``flows/offline_replay.py``) the source reads the Delta Lake archive in gw_seq order and the sink
+writes a dataset. The engine (``flows.engine.SymbolEngine``) holds all the logic; Bytewax only routes
+each symbol's events to its engine and keeps that state recoverable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+
+DEAD_LETTER_KEY = "__deadletter__"
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    flow_id: str = "tickcast-features"
+    registry_path: str | None = None  # default flows/features.yaml
+    requester: str = "features"  # who asks the gateway for resyncs
+
+
+@dataclass
+class FlowSinks:
+    features: Sink  # receives (symbol, FeatureVector record)
+    control: Sink | None = None  # (symbol, ControlCommand record); offline: nobody to ask
+    dead_letters: Sink | None = None  # (key, DeadLetter record)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _engine_step(registry_path: str | None, requester: str):
+    from flows.engine import _registry_cached
+    from flows.engine import SymbolEngine
+    from flows.registry import DEFAULT_PATH
+
+    path = str(registry_path or DEFAULT_PATH)
+
+    def step(engine, batch):
+        if engine is None:
+            engine = SymbolEngine(batch[0][1]["symbol"], _registry_cached(path), requester)
+        return engine, engine.process(batch)
+
+    return step
+
+
+def build_flow(source: Source, sinks: FlowSinks, config: FlowConfig = FlowConfig()) -> Dataflow:
+    flow = Dataflow(config.flow_id)
+    raw = op.input("raw", flow, source)
+    split = op.branch("split_dead_letters", raw, lambda kv: kv[0] == DEAD_LETTER_KEY)
+    if sinks.dead_letters is not None:
+        dead = op.flat_map("dead_letter_records", split.trues, lambda kv: [(kv[0], r) for _, r in kv[1]])
+        op.output("dead_letters_out", dead, sinks.dead_letters)
+    outputs = op.stateful_flat_map("engine", split.falses, _engine_step(config.registry_path, config.requester))
+    routed = op.branch("split_outputs", outputs, lambda kv: kv[1][0] == "features")
+    features = op.map("feature_records", routed.trues, lambda kv: (kv[0], kv[1][1]))
+    op.output("features_out", features, sinks.features)
+    if sinks.control is not None:
+        control = op.map("control_records", routed.falses, lambda kv: (kv[0], kv[1][1]))
+        op.output("control_out", control, sinks.control)
+    return flow

@@ -1,0 +1,630 @@
+"""The per-symbol feature engine: plain Python, no Bytewax, no wall clock.
+
+``SymbolEngine.process(batch)`` takes raw events ``(schema_name, record)`` of one symbol in any
+order and returns outputs ``("features", FeatureVector record)`` and ``("control", ControlCommand
+record)``. Everything it computes is a function of the events in ``gw_seq`` order, so the online
+flow (small batches from Kafka) and the offline replay (large batches from Delta) produce the same
+records, bit for bit.
+
+Pipeline per event: ``Sequencer`` (reorder by gw_seq, detect holes) -> event clock (the symbol's
+largest exchange timestamp; heartbeats advance it when the symbol is quiet) -> close every 1-second
+tile that ended before the new time (the book is captured at the tile end, before the event that
+crossed it is applied) -> apply the event to the book / current tile / candles / ticker / mempool /
+news state. At each closed tile, the vectors of the cadences whose period divides the tile end are
+computed from the registry (``flows.feature_kinds``).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+
+from flows.book import BadDecimal, BookStatus, OrderBook, from_fixed, to_fixed
+from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS, kline_variates
+from flows.feature_kinds import KINDS, Missing
+from flows.registry import CADENCES, Registry, load_registry
+from tickcast.logs import get_logger
+
+log = get_logger("features.engine")
+
+_fsum = math.fsum
+_isfinite = math.isfinite
+_log = math.log
+TILE_MS = 1_000
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Behaviour that shapes outputs; lives in the registry's ``engine:`` block (so in its hash)."""
+
+    book_stale_ms: int = 30_000  # no book update for this long at a window end: book features null
+    resync_interval_ms: int = 5_000  # at most one resync request per symbol per interval (event time)
+    seq_hold_events: int = 5_000  # a gw_seq hole is declared when this many later events wait ...
+    seq_hold_ms: int = 5_000  # ... or when they span this much event time
+    max_empty_ms: int = 3_600_000  # a longer silence restarts the windows instead of filling them
+    tile_history_s: int = 900  # closed 1-second tiles kept (longest tile window + 1)
+
+    @classmethod
+    def from_registry(cls, reg: Registry) -> "EngineConfig":
+        known = cls.__dataclass_fields__
+        bad = set(reg.config) - set(known)
+        if bad:
+            raise ValueError(f"unknown engine settings in the registry: {sorted(bad)}")
+        return cls(**{k: int(v) for k, v in reg.config.items()})
+
+
+@lru_cache(maxsize=8)
+def _registry_cached(path: str) -> Registry:
+    return load_registry(path)
+
+
+# --- gw_seq ordering -------------------------------------------------------------------------------
+class Sequencer:
+    """Releases events strictly in gw_seq order. A missing gw_seq is waited for until
+    ``hold_events`` later events are pending or they reach ``hold_ms`` of event time past the last
+    released event; then it is declared a hole and skipped. The first release waits for the same
+    bound, so the stream starts at the smallest gw_seq seen. Duplicates and events older than what
+    was released are dropped and counted."""
+
+    __slots__ = ("next", "pending", "hold_events", "hold_ms", "ref_ts", "max_ts", "holes", "skipped",
+                 "duplicates", "late")
+
+    def __init__(self, hold_events: int, hold_ms: int):
+        self.next: int | None = None
+        self.pending: dict[int, tuple] = {}  # seq -> (ts, item)
+        self.hold_events = hold_events
+        self.hold_ms = hold_ms
+        self.ref_ts: int | None = None  # ts of the last released event (or the first pending one)
+        self.max_ts: int | None = None  # largest ts pending
+        self.holes = self.skipped = self.duplicates = self.late = 0
+
+    def push(self, seq: int, ts: int, item, out: list) -> None:
+        nxt = self.next
+        if seq == nxt and not self.pending:  # fast path: in order
+            self.next = seq + 1
+            self.ref_ts = ts
+            out.append(item)
+            return
+        if nxt is not None and seq < nxt:
+            self.late += 1
+            return
+        if seq in self.pending:
+            self.duplicates += 1
+            return
+        self.pending[seq] = (ts, item)
+        if self.ref_ts is None:
+            self.ref_ts = ts
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts = ts
+        self._drain(out, False)
+
+    def _drain(self, out: list, force: bool) -> None:
+        pending = self.pending
+        while pending:
+            nxt = self.next
+            if nxt not in pending:
+                if not force and len(pending) < self.hold_events and self.max_ts - self.ref_ts < self.hold_ms:
+                    return
+                first = min(pending)
+                if nxt is not None:
+                    self.holes += 1
+                    self.skipped += first - nxt
+                nxt = first
+            ts, item = pending.pop(nxt)
+            out.append(item)
+            self.next = nxt + 1
+            self.ref_ts = ts
+        self.max_ts = None
+
+    def flush(self, out: list) -> None:
+        """Release everything pending (end of a finite input), skipping holes."""
+        self._drain(out, True)
+
+
+# --- 1-second tiles --------------------------------------------------------------------------------
+class Tile:
+    """Mergeable partial aggregates of one second of a symbol's events (exchange time)."""
+
+    __slots__ = ("start", "n_events", "n_trades", "buy_vol", "sell_vol", "buy_notional", "sell_notional",
+                 "best_changes", "n_dp", "sum_dp", "n_prod", "sum_prod", "late", "snap", "ret", "dmid")
+
+    def __init__(self, start: int):
+        self.start = start
+        self.n_events = self.n_trades = self.best_changes = self.n_dp = self.n_prod = self.late = 0
+        self.buy_vol = self.sell_vol = self.buy_notional = self.sell_notional = 0.0
+        self.sum_dp = self.sum_prod = 0.0
+        self.snap: BookSnap | None = None
+        self.ret: float | None = None  # log(mid / previous tile's mid)
+        self.dmid: float | None = None  # mid - previous tile's mid
+
+
+class WindowAgg:
+    """Sums over the last k tiles (computed once per window length per tile close)."""
+
+    __slots__ = ("n_tiles", "n_trades", "buy_vol", "sell_vol", "buy_notional", "sell_notional", "best_changes",
+                 "returns", "dmid_q", "roll_n_dp", "roll_sum_dp", "roll_pairs", "roll_sum_prod")
+
+    def __init__(self, tiles: list[Tile]):
+        self.n_tiles = len(tiles)
+        self.n_trades = sum(t.n_trades for t in tiles)
+        self.buy_vol = _fsum(t.buy_vol for t in tiles)
+        self.sell_vol = _fsum(t.sell_vol for t in tiles)
+        self.buy_notional = _fsum(t.buy_notional for t in tiles)
+        self.sell_notional = _fsum(t.sell_notional for t in tiles)
+        self.best_changes = sum(t.best_changes for t in tiles)
+        self.returns = [t.ret for t in tiles if t.ret is not None]
+        self.dmid_q = [(t.dmid, t.buy_vol - t.sell_vol) for t in tiles if t.dmid is not None]
+        self.roll_n_dp = sum(t.n_dp for t in tiles)
+        self.roll_sum_dp = _fsum(t.sum_dp for t in tiles)
+        self.roll_pairs = sum(t.n_prod for t in tiles)
+        self.roll_sum_prod = _fsum(t.sum_prod for t in tiles)
+
+
+class BookSnap:
+    """Point-in-time book values at a tile end (floats), or invalid with the reason."""
+
+    __slots__ = ("valid", "reason", "bid1", "ask1", "bid1_size", "ask1_size", "mid", "bid_sizes", "ask_sizes",
+                 "_density")
+
+    def __init__(self, book: OrderBook | None, reason: str, levels: int, density_bps: tuple):
+        self.valid = not reason
+        self.reason = reason
+        if not self.valid:
+            return
+        bids, asks = book.top_bids(levels), book.top_asks(levels)
+        self.bid1, self.bid1_size = from_fixed(bids[0][0]), from_fixed(bids[0][1])
+        self.ask1, self.ask1_size = from_fixed(asks[0][0]), from_fixed(asks[0][1])
+        self.mid = (self.bid1 + self.ask1) / 2
+        self.bid_sizes = [from_fixed(s) for _, s in bids]
+        self.ask_sizes = [from_fixed(s) for _, s in asks]
+        # volume within X bps of the mid, bounds computed exactly on integer prices:
+        # [mid * (1 - bps/1e4), mid * (1 + bps/1e4)] with mid = mid2 / 2
+        mid2 = bids[0][0] + asks[0][0]
+        self._density = {}
+        for bps in density_bps:
+            lo = -((-mid2 * (10_000 - bps)) // 20_000)  # ceil
+            hi = (mid2 * (10_000 + bps)) // 20_000  # floor
+            b, a = book.depth_within(lo, hi)
+            self._density[bps] = from_fixed(b + a)
+
+    def depth_within_bps(self, bps) -> float:
+        return self._density[bps]
+
+
+class MempoolState:
+    __slots__ = ("recs", "keep_ms", "any_seen")
+
+    def __init__(self, keep_ms: int):
+        self.recs: deque = deque()
+        self.keep_ms = keep_ms
+        self.any_seen = False
+
+    def add(self, rec: dict) -> None:
+        self.recs.append(rec)
+        self.any_seen = True
+        cutoff = rec["exchange_ts"] - self.keep_ms
+        while len(self.recs) > 1 and self.recs[1]["exchange_ts"] <= cutoff:
+            self.recs.popleft()
+
+    def latest(self, at_ms: int) -> dict | None:
+        for rec in reversed(self.recs):
+            if rec["exchange_ts"] <= at_ms:
+                return rec
+        return None
+
+    def between(self, lo: int, hi: int) -> list[dict]:
+        return [r for r in self.recs if lo < r["exchange_ts"] <= hi]
+
+
+class Candles:
+    """1-minute OHLCV from trades (by match time), reconciled with the exchange's confirmed klines:
+    a confirmed kline replaces the trade-built candle (the exchange is the reference for history)."""
+
+    __slots__ = ("bars", "confirmed", "mismatches", "last_close")
+
+    def __init__(self):
+        self.bars: dict[int, list] = {}  # minute start -> [o, h, l, c, v]
+        self.confirmed: set[int] = set()
+        self.mismatches = 0
+
+    def trade(self, ts: int, price: float, size: float) -> None:
+        m = ts - ts % MINUTE_MS
+        if m in self.confirmed:
+            return  # the exchange's candle is final
+        bar = self.bars.get(m)
+        if bar is None:
+            self.bars[m] = [price, price, price, price, size]
+        else:
+            if price > bar[1]:
+                bar[1] = price
+            if price < bar[2]:
+                bar[2] = price
+            bar[3] = price
+            bar[4] += size
+
+    def kline(self, rec: dict) -> bool:
+        """Reconcile a confirmed 1-minute kline; True when the trade-built candle disagreed."""
+        m = rec["start_ts"]
+        try:
+            k = [float(rec["open"]), float(rec["high"]), float(rec["low"]), float(rec["close"]),
+                 float(rec["volume"])]
+        except ValueError:
+            return False
+        own = self.bars.get(m)
+        differs = own is not None and (own[:4] != k[:4] or abs(own[4] - k[4]) > 1e-9 * max(1.0, k[4]))
+        self.mismatches += differs
+        self.bars[m] = k
+        self.confirmed.add(m)
+        return differs
+
+    def variates(self, minute_end: int, funding_rate: float) -> dict[str, float]:
+        """flows.candles variates of the minute ending at ``minute_end``; a minute without trades
+        is flat at the previous close with zero volume (as the exchange reports it)."""
+        n = KLINE_WARMUP + 1
+        starts = [minute_end - (n - i) * MINUTE_MS for i in range(n)]
+        cols = [[], [], [], [], []]
+        prev_close = math.nan
+        for m in starts:
+            bar = self.bars.get(m)
+            if bar is None:
+                bar = [prev_close] * 4 + [0.0 if prev_close == prev_close else math.nan]
+            for col, v in zip(cols, bar):
+                col.append(v)
+            prev_close = bar[3]
+        fr = [math.nan] * (n - 1) + [funding_rate]
+        out = kline_variates(starts, *cols, funding_rate=fr, rows=range(n - 1, n))
+        # prune history no longer needed
+        oldest = starts[0] - MINUTE_MS
+        for m in [m for m in self.bars if m < oldest]:
+            del self.bars[m]
+            self.confirmed.discard(m)
+        return {k: float(v[0]) for k, v in out.items()}
+
+
+# --- the per-window context handed to feature kinds ------------------------------------------------
+class WindowContext:
+    __slots__ = ("engine", "window_end", "cadence", "tiles", "book", "values", "_aggs", "_candles", "_news")
+
+    def __init__(self, engine: "SymbolEngine", window_end: int):
+        self.engine = engine
+        self.window_end = window_end
+        self.tiles = engine.tiles
+        self.book = engine.tiles[-1].snap
+        self.cadence = ""
+        self.values: dict[str, float | None] = {}
+        self._aggs: dict[int, WindowAgg] = {}
+        self._candles = None
+        self._news = None
+
+    def tiles_in(self, window_ms: int) -> list[Tile]:
+        k = window_ms // TILE_MS
+        tiles = self.tiles
+        return list(tiles)[-k:] if k < len(tiles) else list(tiles)
+
+    def window(self, window_ms: int) -> WindowAgg:
+        agg = self._aggs.get(window_ms)
+        if agg is None:
+            agg = self._aggs[window_ms] = WindowAgg(self.tiles_in(window_ms))
+        return agg
+
+    def mid_at(self, ago_ms: int) -> float | None:
+        """Mid at the end of the tile that ended ``ago_ms`` before the window end."""
+        k = ago_ms // TILE_MS
+        if k >= len(self.tiles):
+            return None
+        snap = self.tiles[-1 - k].snap
+        return snap.mid if snap is not None and snap.valid else None
+
+    @property
+    def ticker(self) -> dict:
+        return self.engine.ticker
+
+    @property
+    def mempool(self) -> MempoolState:
+        return self.engine.mempool
+
+    def candle_variates(self) -> dict[str, float]:
+        if self._candles is None:
+            fr = self.engine.ticker.get("funding_rate")
+            self._candles = self.engine.candles.variates(self.window_end, float(fr) if fr else math.nan)
+        return self._candles
+
+    def news_values(self) -> dict[str, float]:
+        if self._news is None:
+            self._news = self.engine.news.values(self.window_end)
+        return self._news
+
+    def history(self, name: str, n: int) -> list[float]:
+        hist = self.engine.history[(self.cadence, name)]
+        return list(hist)[-n:]
+
+
+# --- the engine ------------------------------------------------------------------------------------
+_BOOK_COUNTERS = {s: f"book_{s.value}" for s in BookStatus}
+
+
+class SymbolEngine:
+    def __init__(self, symbol: str, registry: Registry, requester: str = "features"):
+        self.symbol = symbol
+        self.requester = requester
+        self.venue = ""
+        self._attach(registry)
+        self.seq = Sequencer(self.cfg.seq_hold_events, self.cfg.seq_hold_ms)
+        self.book = OrderBook(symbol)
+        self.tiles: deque[Tile] = deque(maxlen=self.cfg.tile_history_s)
+        self.tile: Tile | None = None  # the open tile
+        self.clock: int | None = None
+        self.ticker: dict = {}
+        self.mempool = MempoolState(keep_ms=2 * 3_600_000)
+        self.candles = Candles()
+        self.news = None
+        if any(s.kind == "news" for s in registry.features):
+            from flows.news_features import NewsWindows
+
+            self.news = NewsWindows()
+        self.history: dict[tuple[str, str], deque] = {}
+        self._init_history()
+        self.last_resync: int | None = None
+        self.stale_since: int | None = None
+        self.counters: dict[str, int] = {}
+
+    # registry handling; the compiled registry is not pickled with the state (Bytewax snapshots)
+    def _attach(self, registry: Registry) -> None:
+        self.registry = registry
+        self.registry_path = registry.path
+        self.registry_hash = registry.hash
+        self.cfg = EngineConfig.from_registry(registry)
+        self._plan = {c: [(s.name, KINDS[s.kind].compute, s) for s in registry.for_cadence(c)] for c in CADENCES}
+        self._levels = max([s.params.get("levels", 1) for s in registry.features] + [10])
+        self._density = tuple(sorted({s.params["bps"] for s in registry.features if s.kind == "liquidity_density"}))
+        # inputs of derived features need a value history per cadence
+        self._hist_n: dict[tuple[str, str], int] = {}
+        for s in registry.features:
+            if s.kind == "zscore":
+                for c in s.cadences:
+                    key = (c, s.inputs[0])
+                    self._hist_n[key] = max(self._hist_n.get(key, 0), s.params["n"])
+
+    def _init_history(self) -> None:
+        old = getattr(self, "history", {})
+        self.history = {k: deque(old.get(k, ()), maxlen=n) for k, n in self._hist_n.items()}
+
+    def reload(self, registry: Registry) -> None:
+        """Switch to another registry at run time (takes effect at the next window)."""
+        self._attach(registry)
+        self._init_history()
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("registry", "cfg", "_plan")}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        reg = _registry_cached(state["registry_path"])
+        if reg.hash != state["registry_hash"]:
+            log.warning("registry changed since the snapshot; continuing with the new one",
+                        extra={"symbol": self.symbol, "old": state["registry_hash"], "new": reg.hash})
+        self._attach(reg)
+        self._init_history()
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    # -- input -------------------------------------------------------------------------------------
+    def process(self, batch) -> list[tuple[str, dict]]:
+        """Raw events (schema_name, record) of this symbol, any order -> outputs in order."""
+        ready: list = []
+        push = self.seq.push
+        for item in batch:
+            rec = item[1]
+            seq = rec["gw_seq"]
+            if seq < 0:
+                self.count("not_live")  # historical rows are not part of the live order
+                continue
+            push(seq, rec["exchange_ts"], item, ready)
+        out: list = []
+        for name, rec in ready:
+            self._on_event(name, rec, out)
+        return out
+
+    def flush(self) -> list[tuple[str, dict]]:
+        """End of a finite input: release held events (holes skipped)."""
+        ready: list = []
+        self.seq.flush(ready)
+        out: list = []
+        for name, rec in ready:
+            self._on_event(name, rec, out)
+        return out
+
+    def _on_event(self, name: str, rec: dict, out: list) -> None:
+        ts = rec["exchange_ts"]
+        if self.clock is None:
+            self.clock = ts
+            self.tile = Tile(ts - ts % TILE_MS)
+        elif ts > self.clock:
+            if ts >= self.tile.start + TILE_MS:
+                self._advance(ts, rec, out)
+            self.clock = ts
+        tile = self.tile
+        tile.n_events += 1
+        if ts < tile.start:
+            tile.late += 1
+            self.count("late_events")
+        self.venue = rec["venue"]
+        if name == "OrderBookDelta" or name == "OrderBookSnapshot":
+            self._on_book(rec, name == "OrderBookSnapshot", out)
+        elif name == "Trade":
+            self._on_trade(rec, tile)
+        elif name == "Ticker":
+            self.ticker = rec
+        elif name == "Funding":
+            self.ticker = {**self.ticker, "funding_rate": rec["funding_rate"],
+                           "next_funding_time": rec["next_funding_time"] or self.ticker.get("next_funding_time")}
+        elif name == "Kline":
+            if rec["confirm"] and rec["interval"] == "1" and self.candles.kline(rec):
+                self.count("kline_mismatch")
+        elif name == "MempoolStats":
+            self.mempool.add(rec)
+        elif name == "NewsItem":
+            if self.news is not None:
+                self.news.add(rec)
+        elif name == "Heartbeat":
+            pass  # it only moved the clock
+        else:
+            self.count(f"ignored_{name}")
+
+    def _on_book(self, rec: dict, is_snapshot: bool, out: list) -> None:
+        before = self.book.best_changes
+        was_valid = self.book.valid
+        status = self.book.apply(rec, is_snapshot)
+        self.tile.best_changes += self.book.best_changes - before
+        self.count(_BOOK_COUNTERS[status])
+        if status is BookStatus.APPLIED:
+            return
+        if status in (BookStatus.SNAPSHOT, BookStatus.RESET):
+            self.stale_since = None
+            if not was_valid:
+                self.count("book_recoveries")
+            if status is BookStatus.RESET:
+                log.warning("exchange restart (u=1): book overwritten", extra={"symbol": self.symbol})
+            return
+        extra = {"symbol": self.symbol, "status": status.value, "u": rec["update_id"], "last_u": self.book.last_u,
+                 "gw_seq": rec["gw_seq"], "counts": dict(self.counters)}
+        if status in (BookStatus.DUPLICATE, BookStatus.OUT_OF_ORDER):
+            log.warning("order-book sequence error: delta ignored", extra=extra)
+            return
+        if status is BookStatus.NOT_READY and self.counters.get("book_not_ready", 0) > 1:
+            self._request_resync("delta before any snapshot", rec, out)
+            return
+        log.warning("order-book desync", extra={**extra, "reason": self.book.invalid_reason})
+        self._request_resync(self.book.invalid_reason or status.value, rec, out)
+
+    def _on_trade(self, rec: dict, tile: Tile) -> None:
+        try:
+            price = float(rec["price"])
+            size = float(rec["size"])
+        except ValueError:
+            price = size = math.nan
+        if not (price > 0 and size > 0 and _isfinite(price) and _isfinite(size)):
+            self.count("bad_trades")
+            return
+        tile.n_trades += 1
+        if rec["side"] == "Buy":
+            tile.buy_vol += size
+            tile.buy_notional += price * size
+        else:
+            tile.sell_vol += size
+            tile.sell_notional += price * size
+        # Roll: consecutive trade price changes; a change belongs to the tile of its later trade
+        last = self._last_px
+        if last is not None:
+            dp = price - last
+            tile.n_dp += 1
+            tile.sum_dp += dp
+            if self._last_dp is not None:
+                tile.n_prod += 1
+                tile.sum_prod += dp * self._last_dp
+            self._last_dp = dp
+        self._last_px = price
+        self.candles.trade(rec["trade_ts"], price, size)
+
+    _last_px: float | None = None
+    _last_dp: float | None = None
+
+    def _request_resync(self, reason: str, rec: dict, out: list) -> None:
+        now = self.clock
+        if self.last_resync is not None and now - self.last_resync < self.cfg.resync_interval_ms:
+            self.count("resync_suppressed")
+            return
+        self.last_resync = now
+        self.count("resync_requests")
+        out.append(("control", {"command": "resync", "symbol": self.symbol, "reason": reason,
+                                "requester": self.requester, "requested_ts": rec["recv_ts"]}))
+
+    # -- event time ----------------------------------------------------------------------------------
+    def _advance(self, ts: int, rec: dict, out: list) -> None:
+        """Close every tile that ended at or before ``ts``, emitting the due vectors."""
+        target = ts - ts % TILE_MS
+        if target - self.tile.start > self.cfg.max_empty_ms:
+            self.count("clock_jumps")
+            log.warning("event-time jump: windows restarted",
+                        extra={"symbol": self.symbol, "gap_ms": target - self.tile.start})
+            self._close_tile(self.tile, rec, out)
+            self.tiles.clear()
+            self.tile = Tile(target)
+            return
+        while self.tile.start < target:
+            closed = self.tile
+            self._close_tile(closed, rec, out)
+            self.tile = Tile(closed.start + TILE_MS)
+
+    def _snap(self, end: int) -> BookSnap:
+        book = self.book
+        if not book.valid:
+            reason = f"book invalid: {book.invalid_reason}"
+        elif book.last_ts is not None and end - book.last_ts > self.cfg.book_stale_ms:
+            reason = f"book stale: no update for {(end - book.last_ts) // 1000} s"
+        elif not book.bids.prices or not book.asks.prices:
+            reason = "book has an empty side"
+        else:
+            return BookSnap(book, "", self._levels, self._density)
+        return BookSnap(None, reason, 0, ())
+
+    def _close_tile(self, tile: Tile, rec: dict, out: list) -> None:
+        end = tile.start + TILE_MS
+        tile.snap = snap = self._snap(end)
+        if snap.reason.startswith("book stale") and self.book.valid and self.stale_since is None:
+            self.stale_since = end
+            log.warning("order-book stale", extra={"symbol": self.symbol, "reason": snap.reason})
+            self._request_resync(snap.reason, rec, out)
+        prev = self.tiles[-1].snap if self.tiles else None
+        if snap.valid and prev is not None and prev.valid:
+            tile.ret = _log(snap.mid / prev.mid)
+            tile.dmid = snap.mid - prev.mid
+        self.tiles.append(tile)
+        ctx = None
+        for cadence, period in CADENCES.items():
+            if end % period == 0 and self._plan[cadence]:
+                ctx = ctx or WindowContext(self, end)
+                out.append(("features", self._vector(ctx, cadence, period, rec)))
+
+    def _vector(self, ctx: WindowContext, cadence: str, period: int, rec: dict) -> dict:
+        ctx.cadence = cadence
+        ctx.values = values = {}
+        nulls: dict[str, str] = {}
+        history = self.history
+        for name, fn, spec in self._plan[cadence]:
+            v = fn(ctx, spec)
+            if isinstance(v, Missing):
+                values[name] = None
+                nulls[name] = str(v)
+                continue
+            v = float(v)
+            if not _isfinite(v):
+                values[name] = None
+                nulls[name] = f"not finite ({v})"
+                continue
+            values[name] = v
+            hist = history.get((cadence, name))
+            if hist is not None:
+                hist.append(v)
+        k = period // TILE_MS
+        tiles = self.tiles
+        events = sum(t.n_events for t in (list(tiles)[-k:] if k < len(tiles) else tiles))
+        return {
+            "symbol": self.symbol, "venue": self.venue, "cadence": cadence, "window_end": ctx.window_end,
+            "registry_hash": self.registry_hash, "values": values, "nulls": nulls,
+            "book_valid": bool(ctx.book.valid), "event_count": events, "last_gw_seq": rec["gw_seq"],
+            "close_recv_ts": rec["recv_ts"], "emit_ts": 0,
+        }
+
+
+def new_engine(symbol: str, registry_path: str | None = None) -> SymbolEngine:
+    from flows.registry import DEFAULT_PATH
+
+    return SymbolEngine(symbol, _registry_cached(str(registry_path or DEFAULT_PATH)))
+
+
+__all__ = ["SymbolEngine", "EngineConfig", "Sequencer", "Tile", "new_engine", "BadDecimal", "to_fixed",
+           "KLINE_VARIATES"]

@@ -1,0 +1,221 @@
+"""Kafka source and sink of the feature dataflow.
+
+``RawKafkaSource`` has one Bytewax partition per partition *index* of the raw topics: partition i
+reads partition i of every raw topic with one consumer, so all channels of a symbol (same key, same
+partition index everywhere) reach one source partition. It decodes the Avro payloads and yields
+``(symbol, [(schema, record), ...])`` batches; undecodable bytes become dead letters. Its resume
+state is the next offset per topic, so with Bytewax recovery a restart continues where the last
+snapshot left off (the engine state is snapshotted at the same epoch).
+
+Event-time merge: Kafka orders each topic, not the topics relative to each other, and one fetch can
+bring minutes of one topic's backlog before a message of another. The engine releases a symbol's
+events in gw_seq order and waits only a bounded event time for a missing one, so the source queues
+what it reads per topic and hands over only messages up to the *frontier* + ``align_slack_ms``: the
+frontier is the earliest exchange time that some topic may still deliver (its queue head, or the last
+time read from a topic that has more to read). Live, every topic is caught up and messages pass
+straight through; in a backlog, topics advance together. A topic whose queue is full is paused.
+The resume state counts only messages handed over, so queued ones are read again after a restart.
+
+``KafkaRecordSink`` encodes records with the serde and produces them keyed by symbol.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from flows.dataflow import DEAD_LETTER_KEY
+from tickcast.kafka import consumer_config, producer_config
+from tickcast.logs import get_logger
+from tickcast.serde import Serde, SerdeError, default_serde
+from tickcast.topics import FEATURE_INPUT_TOPICS
+
+log = get_logger("features.kafka")
+
+
+def dead_letter(source: str, topic: str | None, kind: str, reason: str, payload: bytes,
+                symbol: str | None = None) -> dict:
+    return {"source": source, "topic": topic, "symbol": symbol, "error_kind": kind, "reason": reason,
+            "payload": bytes(payload or b""), "ts": time.time_ns() // 1000}
+
+
+class _RawPartition(StatefulSourcePartition):
+    """Partition index i of every raw topic: decode, merge the topics by exchange time, yield."""
+
+    def __init__(self, bootstrap: str, topics: tuple[str, ...], index: int, resume: dict | None,
+                 batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int):
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+
+        self.serde = serde
+        self.batch_size = batch_size
+        self.from_end = from_end
+        # resume state: per topic, the offset of the first message not yet handed to the dataflow
+        self.offsets: dict[str, int] = dict(resume or {})
+        start = OFFSET_END if from_end else OFFSET_BEGINNING
+        self.consumer = Consumer(consumer_config(bootstrap, f"tickcast-features-p{index}"))
+        self.tps = {t: TopicPartition(t, index) for t in topics}
+        self.consumer.assign([TopicPartition(t, index, self.offsets.get(t, start)) for t in topics])
+        self.slack = align_slack_ms
+        self.max_queue = max_queue
+        self.queues: dict[str, deque] = {t: deque() for t in topics}  # (ts, offset, name, record)
+        self.last_ts: dict[str, int] = {}  # largest ts read per topic
+        self.read_to: dict[str, int] = {}  # next offset to read per topic
+        self.paused: set[str] = set()
+        self.dead: list = []
+
+    def _behind(self, topic: str) -> bool:
+        """Messages remain below the (cached) high watermark that we have not read yet."""
+        low, high = self.consumer.get_watermark_offsets(self.tps[topic], cached=True)
+        if high < 0:
+            return True  # no fetch response yet: unknown, assume behind
+        pos = self.read_to.get(topic, self.offsets.get(topic, high if self.from_end else low))
+        return pos < high
+
+    def _read(self) -> None:
+        msgs = self.consumer.consume(self.batch_size, 0)
+        decode = self.serde.decode_any
+        for m in msgs:
+            if m.error() is not None:
+                log.warning("kafka error", extra={"error": str(m.error())})
+                continue
+            topic = m.topic()
+            self.read_to[topic] = m.offset() + 1
+            try:
+                name, rec = decode(m.value())
+            except SerdeError as exc:
+                self.dead.append((m.offset(), topic, dead_letter(
+                    "features.decode", topic, exc.kind, str(exc), m.value(),
+                    (m.key() or b"").decode("utf-8", "replace") or None)))
+                continue
+            ts = rec["exchange_ts"]
+            if ts > self.last_ts.get(topic, -1):
+                self.last_ts[topic] = ts
+            self.queues[topic].append((ts, m.offset(), name, rec))
+
+    def _frontier(self) -> float:
+        """Exchange time up to which every topic is known: the earliest queued message of any topic,
+        or, for a topic with nothing queued but more to read, the last time read from it."""
+        frontier = float("inf")
+        for topic, q in self.queues.items():
+            if q:
+                frontier = min(frontier, q[0][0])
+            elif self._behind(topic):
+                frontier = min(frontier, self.last_ts.get(topic, float("-inf")))
+        return frontier
+
+    def _flow_control(self) -> None:
+        pause = {t for t, q in self.queues.items() if len(q) >= self.max_queue}
+        if pause != self.paused:
+            if self.paused - pause:
+                self.consumer.resume([self.tps[t] for t in self.paused - pause])
+            if pause - self.paused:
+                self.consumer.pause([self.tps[t] for t in pause - self.paused])
+            self.paused = pause
+
+    def next_batch(self):
+        self._read()
+        limit = self._frontier() + self.slack
+        by_symbol: dict[str, list] = {}
+        for topic, q in self.queues.items():
+            last_offset = None
+            while q and q[0][0] <= limit:
+                _, offset, name, rec = q.popleft()
+                last_offset = offset
+                batch = by_symbol.get(rec["symbol"])
+                if batch is None:
+                    by_symbol[rec["symbol"]] = [(name, rec)]
+                else:
+                    batch.append((name, rec))
+            if last_offset is not None:
+                self.offsets[topic] = last_offset + 1
+        out = list(by_symbol.items())
+        if self.dead:
+            for offset, topic, _ in self.dead:
+                if not self.queues[topic]:
+                    self.offsets[topic] = max(self.offsets.get(topic, 0), offset + 1)
+            out.append((DEAD_LETTER_KEY, [("DeadLetter", d) for _, _, d in self.dead]))
+            self.dead = []
+        self._flow_control()
+        return out
+
+    def snapshot(self):
+        return dict(self.offsets)
+
+    def close(self):
+        self.consumer.close()
+
+
+class RawKafkaSource(FixedPartitionedSource):
+    def __init__(self, bootstrap: str, topics: tuple[str, ...] = FEATURE_INPUT_TOPICS, *,
+                 batch_size: int = 2_000, from_end: bool = False, serde: Serde | None = None,
+                 align_slack_ms: int = 1_000, max_queue: int = 50_000):
+        self.bootstrap = bootstrap
+        self.align_slack_ms = align_slack_ms
+        self.max_queue = max_queue
+        self.topics = tuple(topics)
+        self.batch_size = batch_size
+        self.from_end = from_end
+        self._serde = serde
+
+    def list_parts(self):
+        from confluent_kafka.admin import AdminClient
+
+        md = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=30)
+        counts = set()
+        for t in self.topics:
+            if t not in md.topics:
+                raise RuntimeError(f"topic {t} does not exist (run `tickcast topics`)")
+            counts.add(len(md.topics[t].partitions))
+        if len(counts) != 1:
+            raise RuntimeError(f"raw topics must share one partition count, got {sorted(counts)}")
+        return [f"p{i}" for i in range(counts.pop())]
+
+    def build_part(self, step_id, for_part, resume_state):
+        return _RawPartition(self.bootstrap, self.topics, int(for_part[1:]), resume_state, self.batch_size,
+                             self._serde or default_serde(), self.from_end, self.align_slack_ms,
+                             self.max_queue)
+
+
+class _ProducerPartition(StatelessSinkPartition):
+    def __init__(self, bootstrap: str, topic: str, schema: str, serde: Serde, stamp_emit: bool):
+        from confluent_kafka import Producer
+
+        self.producer = Producer(producer_config(bootstrap, **{"linger.ms": 0}))
+        self.topic = topic
+        self.schema = schema
+        self.serde = serde
+        self.stamp_emit = stamp_emit
+
+    def write_batch(self, items):
+        produce = self.producer.produce
+        encode = self.serde.encode
+        now = time.time_ns() // 1000
+        for key, rec in items:
+            if self.stamp_emit:
+                rec["emit_ts"] = now
+            while True:
+                try:
+                    produce(self.topic, key=key.encode(), value=encode(self.schema, rec))
+                    break
+                except BufferError:  # local queue full: let it drain, never drop
+                    self.producer.poll(0.05)
+        self.producer.poll(0)
+
+    def close(self):
+        self.producer.flush(30)
+
+
+class KafkaRecordSink(DynamicSink):
+    """Produces (key, record) items as Avro records of ``schema`` on ``topic``."""
+
+    def __init__(self, bootstrap: str, topic: str, schema: str, *, serde: Serde | None = None,
+                 stamp_emit: bool = False):
+        self.bootstrap, self.topic, self.schema = bootstrap, topic, schema
+        self._serde = serde
+        self.stamp_emit = stamp_emit
+
+    def build(self, step_id, worker_index, worker_count):
+        return _ProducerPartition(self.bootstrap, self.topic, self.schema, self._serde or default_serde(),
+                                  self.stamp_emit)
