@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "tickcast.commands",  # broker, topics, up, status
     "connectors.news.cli",  # news (feed poller), newsfeed (local RSS/Atom server)
     "connectors.cli",  # gateway (market data -> Kafka), backfill (REST klines -> lake)
+    "api.cli",  # serve (the prediction service: FastAPI + inference loop)
 ]
 
 for _name in COMMAND_MODULES:
