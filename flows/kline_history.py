@@ -47,9 +47,11 @@ INTERVAL_MS = {"1": MINUTE_MS, "3": 3 * MINUTE_MS, "5": 5 * MINUTE_MS, "15": 15 
                "30": 30 * MINUTE_MS, "60": 60 * MINUTE_MS, "120": 120 * MINUTE_MS, "240": 240 * MINUTE_MS,
                "360": 360 * MINUTE_MS, "720": 720 * MINUTE_MS, "D": DAY_MS, "W": 7 * DAY_MS}
 CSV_HEADER = ["timestamp", "open", "high", "low", "close", "volume"]
+# Bybit's REST column names (``tickcast backfill --out`` writes them): the same layout, ms timestamps
+CSV_HEADER_ALIASES = {"starttime": "timestamp", "start_time": "timestamp", "start": "timestamp"}
 _DECIMAL = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
-_FILE_NAME = re.compile(r"^([A-Z0-9]+)_(\d+)([mhdw])(?:_|\.|$)", re.IGNORECASE)
+_FILE_NAME = re.compile(r"^([A-Z0-9]+)_(\d+[mhdw]?|D|W)(?:_|\.|$)", re.IGNORECASE)
 HISTORY_GW_SEQ = -1
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -106,7 +108,8 @@ def infer_from_filename(path: str | Path) -> tuple[str | None, str | None]:
     m = _FILE_NAME.match(Path(path).name)
     if not m:
         return None, None
-    return m.group(1).upper(), normalise_interval(m.group(2) + m.group(3).lower())
+    return m.group(1).upper(), normalise_interval(m.group(2).lower() if m.group(2)[-1].isalpha()
+                                                  and m.group(2)[0].isdigit() else m.group(2))
 
 
 def _parse_ts(text: str) -> int:
@@ -176,6 +179,7 @@ def read_kline_csv(path: str | Path, *, symbol: str | None = None, interval: str
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader, [])]
+        header = [CSV_HEADER_ALIASES.get(h, h) for h in header[:1]] + header[1:]
         if header[:6] != CSV_HEADER or len(header) > 7 or (len(header) == 7 and header[6] != "turnover"):
             raise HistoryError(f"{path.name}: header {header} is not {','.join(CSV_HEADER)}[,turnover]")
         has_turnover = len(header) == 7
@@ -423,7 +427,10 @@ def detect_layout(path: str | Path) -> str:
         return "bybit-rest-json"
     with open(p, encoding="utf-8") as fh:
         head = fh.readline()
-    if [h.strip().lower() for h in head.split(",")][:6] != CSV_HEADER:
+    cols = [h.strip().lower() for h in head.split(",")]
+    if cols and cols[0] in CSV_HEADER_ALIASES:
+        return "bybit-csv"  # Bybit's REST columns, as `tickcast backfill --out` writes them
+    if cols[:6] != CSV_HEADER:
         raise HistoryError(f"{p.name}: not a kline CSV (header {head.strip()!r})")
     low = str(p).lower()
     if "binance" in low:

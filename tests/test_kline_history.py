@@ -180,3 +180,18 @@ def test_full_shared_bybit_month(shared_real, tmp_path):
     assert (rep.inserted, rep.dead_letters) == (43_200, 0)
     assert rep.last_ts - rep.first_ts == (43_200 - 1) * 60_000  # no gaps
     assert import_kline_file(lake, path).inserted == 0
+
+
+def test_backfill_out_csv_layout_with_rest_columns(tmp_path):
+    """``tickcast backfill --out`` writes Bybit's REST columns (startTime in ms, turnover)."""
+    path = tmp_path / "BTCUSDT_1_1748623140000_1748623260000.csv"
+    path.write_text("startTime,open,high,low,close,volume,turnover\n"
+                    "1748623140000,104217.5,104402.7,104200.0,104337.8,477.605,49800000.5\n"
+                    "1748623200000,104337.8,104409.1,104230.8,104288.5,328.242,34200000\n")
+    assert detect_layout(path) == "bybit-csv"
+    lake = Lake(str(tmp_path / "lake"))
+    rep = import_kline_file(lake, path)
+    assert rep.inserted == 2 and rep.venues == {"bybit.linear.csv": 2}
+    recs, _ = klines(lake)
+    assert recs[0]["start_ts"] == 1748623140000 and recs[0]["turnover"] == "49800000.5"
+    assert recs[1]["low"] == "104230.8"
