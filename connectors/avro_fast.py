@@ -228,6 +228,6 @@ class FastEncoder:
         try:
             return header + fn(record)
         except (TypeError, KeyError, AttributeError, ValueError, OverflowError, IndexError, struct.error):
-            # Serde is the reference: it names the failing field in its EncodeError (or, should it
-            # accept what this encoder refused, its bytes are the right ones)
-            return self.serde.encode(name, record)
+            # Serde with its full type check is the reference: it names the failing field in its
+            # EncodeError (or, should it accept what this encoder refused, its bytes are the right ones)
+            return self.serde.encode(name, record, validate=True)
