@@ -98,6 +98,7 @@ class LocalFeedServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False  # a slow-fault request must not hold up stop()
         self._thread: threading.Thread | None = None
 
     @property
@@ -118,7 +119,8 @@ class LocalFeedServer:
         return [f"{n}={self.url(n)}" for n in self.catalog.feeds]
 
     def start(self) -> "LocalFeedServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="newsfeed", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="newsfeed",
+                                        daemon=True)
         self._thread.start()
         return self
 

@@ -150,17 +150,19 @@ def entry_payload(entry: dict, limit: int = DEAD_LETTER_PAYLOAD_MAX) -> bytes:
         v = "" if v is None else str(v)
         return v if len(v) <= 2000 else v[:2000] + f"... [{len(v)} chars]"
 
-    raw = {k: cut(entry.get(k)) for k in ("id", "link", "title", "published", "updated") if entry.get(k)}
-    if entry.get("summary"):
-        raw["summary"] = cut(entry.get("summary"))
+    plain = dict(entry)  # plain lookups: no feedparser key fallbacks (and their warnings)
+    raw = {k: cut(plain.get(k)) for k in ("id", "link", "title", "published", "updated") if plain.get(k)}
+    if plain.get("summary"):
+        raw["summary"] = cut(plain.get("summary"))
     return json.dumps(raw, ensure_ascii=False).encode()[:limit]
 
 
 def _entry_time_ms(entry: dict) -> tuple[int | None, str | None]:
     """(ms, raw string) of the published, else updated, time; ms None when absent or unparseable."""
+    plain = dict(entry)  # FeedParserDict.get("updated") would fall back to "published" with a warning
     for name in ("published", "updated", "created"):
-        parsed = entry.get(f"{name}_parsed")
-        raw = entry.get(name)
+        parsed = plain.get(f"{name}_parsed")
+        raw = plain.get(name)
         if parsed:
             return calendar.timegm(parsed) * 1000, raw
         if raw:
