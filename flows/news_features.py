@@ -26,7 +26,7 @@ ignored (a re-delivered item after a connector restart counts once).
 
 Memory: after ``values(E)`` the items older than E - 1 h can never be in a window again and are
 dropped (only the newest mentioned time survives, for the recency feature); window ends must
-therefore not go back more than 1 h before the latest one asked for. ``MAX_ITEMS`` bounds the
+therefore never decrease (asking again for the latest one is fine). ``MAX_ITEMS`` bounds the
 state even if ``values`` is never called. The state is plain Python: it pickles (Bytewax recovery
 snapshots it).
 """
@@ -143,8 +143,8 @@ class NewsWindows:
         """Every news feature for the windows ending at ``window_end_ms`` (exclusive)."""
         end = int(window_end_ms)
         if self.horizon is not None and end - LONGEST_MS < self.horizon:
-            raise ValueError(f"window end {end} goes back more than {LONGEST_MS} ms before an earlier one "
-                             f"(items before {self.horizon} were dropped)")
+            raise ValueError(f"window end {end} is before an earlier one ({self.horizon + LONGEST_MS}): "
+                             f"window ends must not decrease (items before {self.horizon} were dropped)")
         items = self.items
         hi = bisect_left(items, (end,))
         out: dict[str, float] = {}
