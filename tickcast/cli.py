@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "tickcast.commands",  # broker, topics, up, status
     "connectors.news.cli",  # news (feed poller), newsfeed (local RSS/Atom server)
     "connectors.cli",  # gateway (market data -> Kafka), backfill (REST klines -> lake)
+    "flows.cli",  # archive (raw topics -> Delta bronze), lake, dataset
     "api.cli",  # serve (the prediction service: FastAPI + inference loop)
 ]
 

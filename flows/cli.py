@@ -1,0 +1,218 @@
+"""CLI of the flows package: the bronze archive, the lake's maintenance and history imports, datasets.
+
+    tickcast archive [--once]                       raw topics -> Delta bronze tables
+    tickcast lake versions | retention | import-klines FILE... | import-funding FILE...
+    tickcast dataset build --from --to --symbols | list | show ID
+
+Only typer and the standard library at module level; everything heavy is imported inside commands.
+"""
+from __future__ import annotations
+
+import json
+
+import typer
+
+lake_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                       help="The Delta Lake bronze tables: versions, retention, history imports.")
+dataset_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                          help="Versioned training datasets (features + future-only targets).")
+
+
+def _settings():
+    from tickcast.config import ConfigError, get_settings
+
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _lake(lake_root: str | None):
+    from flows.lake import Lake
+
+    s = _settings()
+    return Lake(lake_root or str(s.lake_root), dict(s.lake_storage_options))
+
+
+def _symbols(value: str | None) -> list[str] | None:
+    return [v.strip().upper() for v in value.split(",") if v.strip()] if value else None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def archive(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"),
+            lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT"),
+            once: bool = typer.Option(False, "--once", help="archive up to the current end of every partition, then exit"),
+            batch_seconds: float = typer.Option(2.0, help="micro-batch: at most this many seconds ..."),
+            batch_rows: int = typer.Option(50_000, help="... or this many rows"),
+            workers: int = typer.Option(1, help="Bytewax workers in this process")) -> None:
+    """Archive every raw topic and the dead-letter topic into the Delta bronze tables (exactly once:
+    restarts resume from the offsets committed in the tables)."""
+    from flows.archive import ArchiveConfig, run_archive
+
+    s = _settings()
+    bootstrap = bootstrap or s.kafka_bootstrap
+    if not bootstrap:
+        typer.echo("no broker: set KAFKA_BOOTSTRAP or pass --bootstrap", err=True)
+        raise typer.Exit(2)
+    if batch_seconds <= 0 or batch_rows < 1 or workers < 1:
+        typer.echo("--batch-seconds, --batch-rows and --workers must be positive", err=True)
+        raise typer.Exit(2)
+    cfg = ArchiveConfig(bootstrap=bootstrap, lake=_lake(lake_root), stop_at_end=once, batch_seconds=batch_seconds,
+                        batch_max_rows=batch_rows)
+    try:
+        run_archive(cfg, workers=workers)
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@lake_app.command("versions")
+def lake_versions(lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Current version and row count of every bronze table."""
+    lake = _lake(lake_root)
+    for name, v in lake.versions().items():
+        dt = lake.table(name)
+        typer.echo(f"{name:26s} version={v:<6d} rows={dt.count():,}")
+
+
+@lake_app.command("retention")
+def lake_retention(days: int = typer.Option(None, help="days to keep (default: TICKCAST_RETENTION_DAYS)"),
+                   tables: str = typer.Option(None, help="comma-separated (default: all but raw_kline, raw_funding)"),
+                   archive_root: str = typer.Option(None, help="where expired partitions go (default: <lake>/_expired)"),
+                   vacuum_hours: int = typer.Option(168, help="vacuum files unreferenced for this long"),
+                   compact: bool = typer.Option(True, "--compact/--no-compact"),
+                   lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Move partitions older than N days to the archive location, compact closed days, vacuum
+    (keeping the table versions that datasets refer to)."""
+    from flows.datasets import referenced_versions
+
+    s = _settings()
+    days = days or s.retention_days
+    if days < 1 or vacuum_hours < 0:
+        typer.echo("--days must be >= 1 and --vacuum-hours >= 0", err=True)
+        raise typer.Exit(2)
+    lake = _lake(lake_root)
+    try:
+        report = lake.retention(days, tables=[t.strip() for t in tables.split(",")] if tables else None,
+                                archive_root=archive_root, vacuum_hours=vacuum_hours, compact=compact,
+                                keep_versions=referenced_versions(s.data_dir))
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(report, indent=2))
+
+
+@lake_app.command("import-klines")
+def lake_import_klines(files: list[str] = typer.Argument(..., help="CSV (Bybit or Binance kline layout) or Bybit REST JSON"),
+                       layout: str = typer.Option("auto", help="auto, bybit-csv, binance-csv, bybit-rest-json"),
+                       symbol: str = typer.Option(None, help="default: from the file name"),
+                       interval: str = typer.Option(None, help="default: from the file name (1m, 5m, ...)"),
+                       category: str = typer.Option("linear", help="Bybit category of a bybit-csv file"),
+                       lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Import historical klines into raw_kline (idempotent on symbol, interval, start)."""
+    from flows.kline_history import HistoryError, import_kline_file
+
+    lake = _lake(lake_root)
+    failed = False
+    for f in files:
+        try:
+            rep = import_kline_file(lake, f, layout=layout, symbol=symbol, interval=interval, category=category,
+                                    progress=True)
+        except (HistoryError, OSError, ValueError) as exc:
+            typer.echo(f"{f}: {exc}", err=True)
+            failed = True
+            continue
+        typer.echo(json.dumps({"file": f, **rep.as_dict()}))
+    if failed:
+        raise typer.Exit(1)
+
+
+@lake_app.command("import-funding")
+def lake_import_funding(files: list[str] = typer.Argument(..., help="ts,rate CSV files of funding settlements"),
+                        symbol: str = typer.Option(None, help="default: from the file name"),
+                        venue: str = typer.Option("bybit.linear.csv"),
+                        lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Import funding-rate settlements into raw_funding (idempotent)."""
+    from flows.kline_history import HistoryError, import_funding_file
+
+    lake = _lake(lake_root)
+    failed = False
+    for f in files:
+        try:
+            rep = import_funding_file(lake, f, symbol=symbol, venue=venue, progress=True)
+        except (HistoryError, OSError, ValueError) as exc:
+            typer.echo(f"{f}: {exc}", err=True)
+            failed = True
+            continue
+        typer.echo(json.dumps({"file": f, **rep.as_dict()}))
+    if failed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataset_app.command("build")
+def dataset_build(period_from: str = typer.Option(..., "--from", help="UTC start, e.g. 2025-06-01 or epoch ms"),
+                  period_to: str = typer.Option(..., "--to", help="UTC end (exclusive)"),
+                  symbols: str = typer.Option(None, help="comma-separated; default TICKCAST_SYMBOLS"),
+                  kind: str = typer.Option("klines", help="klines (candle variates) or features (replay of the archive)"),
+                  horizon: int = typer.Option(30, help="target horizon N in minutes"),
+                  flat_threshold: float = typer.Option(0.001, help="|log return| <= this is flat"),
+                  triple_barrier: bool = typer.Option(False, "--triple-barrier", help="add triple-barrier labels"),
+                  barrier_k: float = typer.Option(1.0, help="barrier width in sigmas"),
+                  venues: str = typer.Option(None, help="only klines of these venues, comma-separated"),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="rebuild even if the dataset exists"),
+                  publish: bool = typer.Option(True, "--publish/--no-publish", help="DatasetReady on features.dataset.ready"),
+                  lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Build a versioned dataset and print its manifest."""
+    from flows.datasets import DatasetError, build_dataset
+
+    s = _settings()
+    spec = {"symbols": _symbols(symbols) or list(s.symbols), "from": period_from, "to": period_to, "kind": kind,
+            "horizon": horizon, "flat_threshold": flat_threshold, "triple_barrier": triple_barrier,
+            "barrier_k": barrier_k, "venues": [v.strip() for v in venues.split(",") if v.strip()] if venues else None}
+    try:
+        m = build_dataset(spec, lake=_lake(lake_root), data_dir=s.data_dir, overwrite=overwrite, publish=publish,
+                          progress=True)
+    except DatasetError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(m, indent=2, sort_keys=True))
+
+
+@dataset_app.command("list")
+def dataset_list() -> None:
+    """Every dataset: id, kind, period, symbols, rows."""
+    from flows.datasets import list_datasets
+
+    for m in list_datasets(_settings().data_dir):
+        typer.echo(f"{m['dataset_id']}  {m['kind']:8s} {m['period']['from_iso']} .. {m['period']['to_iso']}  "
+                   f"{','.join(m['symbols'])}  rows={m['rows']}")
+
+
+@dataset_app.command("show")
+def dataset_show(dataset_id: str = typer.Argument(...)) -> None:
+    """A dataset's manifest."""
+    from flows.datasets import DatasetError, get_manifest
+
+    try:
+        m = get_manifest(dataset_id, _settings().data_dir)
+    except DatasetError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except KeyError:
+        typer.echo(f"no dataset {dataset_id}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(m, indent=2, sort_keys=True))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(archive)
+    app.add_typer(lake_app, name="lake")
+    app.add_typer(dataset_app, name="dataset")
