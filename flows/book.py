@@ -26,8 +26,8 @@ class BadDecimal(ValueError):
 
 def to_fixed(s: str) -> int:
     """Non-negative decimal string -> integer units of 10^-12, exactly; BadDecimal otherwise."""
-    i, _, f = s.partition(".")
-    if not (i.isascii() and i.isdigit() and (not f or (f.isascii() and f.isdigit()))):
+    i, dot, f = s.partition(".")
+    if not (i.isascii() and i.isdigit() and (not dot or (f.isascii() and f.isdigit()))):
         raise BadDecimal(f"not a non-negative decimal: {s!r}")
     n = len(f)
     if n > FIXED_DECIMALS:
