@@ -60,7 +60,7 @@ NEWS_FEATURES: dict[str, str] = _feature_table()
 class NewsWindows:
     """Windowed news state of one symbol (see the module doc)."""
 
-    __slots__ = ("symbol", "items", "ids", "horizon", "pruned_last_mention", "counts")
+    __slots__ = ("counts", "horizon", "ids", "items", "pruned_last_mention", "symbol")
 
     def __init__(self, symbol: str | None = None):
         self.symbol = symbol

@@ -139,7 +139,7 @@ def test_dedupe_across_sources(server, clock, scorer, tmp_path):
 
 def test_dedupe_across_restarts(clock, scorer, tmp_path):
     path = tmp_path / "news" / "seen.json"
-    cat = dict(epoch_s=E0, period_s=60)
+    cat = {"epoch_s": E0, "period_s": 60}
     with LocalFeedServer(catalog=HeadlineCatalog(**cat), clock=clock) as srv:
         first = run(_poll_all(c := connector(parse_feed_specs(srv.feed_specs()), SeenStore(path), clock, scorer)))
         c.commit()
@@ -269,7 +269,7 @@ def test_a_broken_feed_does_not_stop_the_others(server, clock, scorer, tmp_path)
             while time.monotonic() < deadline:
                 try:
                     res = await asyncio.wait_for(agen.__anext__(), deadline - time.monotonic())
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 seen[res.feed.name].append(res)
                 if res.feed.name == "coindesk" and len(seen["coindesk"]) == 2:

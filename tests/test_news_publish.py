@@ -9,8 +9,6 @@ import sys
 import time
 import uuid
 
-import pytest
-
 from connectors.news.connector import FeedSpec, NewsConnector
 from connectors.news.dedupe import SeenStore
 from connectors.news.feedserver import LocalFeedServer
@@ -46,8 +44,8 @@ def consume(bootstrap: str, want, timeout: float = 20.0) -> list:
 
 
 def test_news_through_the_gateway_publisher(bootstrap, tmp_path):
-    from connectors.publisher import Publisher, partition_of
     from connectors.news.publish import run_news_input
+    from connectors.publisher import Publisher, partition_of
 
     serde = Serde()
     tag = uuid.uuid4().hex[:8]
@@ -142,9 +140,11 @@ def test_news_cli_once_publishes_from_the_local_feeds(bootstrap, tmp_path):
         env = {**os.environ, "KAFKA_BOOTSTRAP": bootstrap, "TICKCAST_NEWS_LOCAL_URL": srv.base_url,
                "TICKCAST_DATA_DIR": str(tmp_path), "TICKCAST_SYMBOLS": "BTCUSDT,ETHUSDT"}
         cmd = [sys.executable, "-m", "tickcast.cli", "news", "--local", "--once"]
-        first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                               check=False)
         assert first.returncode == 0, first.stderr[-3000:]
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                               check=False)
         assert second.returncode == 0, second.stderr[-3000:]
         served = {s.url for f in srv.catalog.feeds for s in srv.catalog.items(f, epoch + 1800.0)}
     assert (tmp_path / "news" / "seen.json").exists()

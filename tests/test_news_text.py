@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from connectors.news.assets import symbol_asset, tag_assets
-from connectors.news.normalise import (canonical_url, clean_text, make_item_id, normalise_entry,
-                                       normalise_title, Rejected)
+from connectors.news.normalise import (
+    Rejected,
+    canonical_url,
+    clean_text,
+    make_item_id,
+    normalise_entry,
+    normalise_title,
+)
 from connectors.news.sentiment import SentimentScorer, VaderScorer
 
 
@@ -113,8 +119,8 @@ def test_clean_text():
 
 
 def _norm(entry, **kw):
-    args = dict(source="s", venue="news.s", feed_url="u", recv_ts_us=1_749_600_000_000_000, scorer=VaderScorer(),
-                source_weight=0.5, allow_undated=False)
+    args = {"source": "s", "venue": "news.s", "feed_url": "u", "recv_ts_us": 1_749_600_000_000_000,
+            "scorer": VaderScorer(), "source_weight": 0.5, "allow_undated": False}
     args.update(kw)
     return normalise_entry(entry, **args)
 

@@ -145,7 +145,7 @@ class NewsConnector:
         self.totals: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    async def __aenter__(self) -> "NewsConnector":
+    async def __aenter__(self) -> NewsConnector:
         self._http()
         return self
 
@@ -218,7 +218,7 @@ class NewsConnector:
         allow_undated = bool(state.get("fetched"))
         try:
             await asyncio.to_thread(self._parse_into, res, bytes(body), content_type, allow_undated)
-        except Exception as exc:  # a parser bug must not kill the feed's task: report it as bad input
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not kill the feed's task: report it
             res.rejected.append(Rejected(feed.name, feed.url, "parse", "parse_error",
                                          f"{type(exc).__name__}: {exc}", bytes(body[:DEAD_LETTER_PAYLOAD_MAX]),
                                          res.recv_ts, (_doc_key(feed, body),)))

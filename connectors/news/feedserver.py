@@ -23,13 +23,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-from connectors.news.headlines import DEFAULT_FEEDS, HeadlineCatalog, Story
+from connectors.news.headlines import HeadlineCatalog, Story
 
 FAULTS = ("malformed", "html", "nodate", "duplicate", "huge", "error", "slow")
 FEED_TITLES = {"cryptonews": "Cryptonews (simulated)", "coindesk": "CoinDesk (simulated)",
@@ -39,11 +39,11 @@ DEFAULT_FORMATS = {"cryptonews": "rss", "coindesk": "rss", "cointelegraph": "ato
 
 
 def _http_date(ts: float) -> str:
-    return format_datetime(datetime.fromtimestamp(math.floor(ts), timezone.utc), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(math.floor(ts), UTC), usegmt=True)
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _dated(s: Story) -> bool:
@@ -118,7 +118,7 @@ class LocalFeedServer:
         """``name=url`` for every catalog feed (the connector's feed-list format)."""
         return [f"{n}={self.url(n)}" for n in self.catalog.feeds]
 
-    def start(self) -> "LocalFeedServer":
+    def start(self) -> LocalFeedServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="newsfeed",
                                         daemon=True)
         self._thread.start()
@@ -134,7 +134,7 @@ class LocalFeedServer:
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> "LocalFeedServer":
+    def __enter__(self) -> LocalFeedServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -218,7 +218,7 @@ class LocalFeedServer:
             protocol_version = "HTTP/1.1"
             server_version = "tickcast-newsfeed/0.1"
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 parts = urlsplit(self.path)
                 status, headers, body = server.respond(parts.path, parse_qs(parts.query), self.headers)
                 self.send_response(status)

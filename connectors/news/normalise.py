@@ -40,7 +40,7 @@ DEAD_LETTER_PAYLOAD_MAX = 16_384
 MIN_PUBLISHED_MS = 1_230_940_800_000  # 2009-01-03, the Bitcoin genesis block
 MAX_AHEAD_MS = 24 * 3600 * 1000
 
-_TRACKING = re.compile(r"^(utm_[a-z]+|ref|ref_src|source|fbclid|gclid|mc_cid|mc_eid|ocid|cmpid|_ga)$", re.I)
+_TRACKING = re.compile(r"^(utm_[a-z]+|ref|ref_src|source|fbclid|gclid|mc_cid|mc_eid|ocid|cmpid|_ga)$", re.IGNORECASE)
 _TAG = re.compile(r"<[^>]*>")
 _WS = re.compile(r"\s+")
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
@@ -114,8 +114,7 @@ def canonical_url(url: str) -> str | None:
         return None
     host = parts.hostname.lower()
     for prefix in ("www.", "m."):
-        if host.startswith(prefix):
-            host = host[len(prefix):]
+        host = host.removeprefix(prefix)
     if port and port not in (80, 443):
         host = f"{host}:{port}"
     query = urlencode(sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
