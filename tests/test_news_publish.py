@@ -162,3 +162,39 @@ def test_news_cli_once_publishes_from_the_local_feeds(bootstrap, tmp_path):
     for sym in ("BTCUSDT", "ETHUSDT"):
         seqs = sorted(r["gw_seq"] for r in recs if r["symbol"] == sym)
         assert seqs == list(range(seqs[0], seqs[0] + len(items)))
+
+
+def test_news_input_stops_on_the_gateway_stop_event(bootstrap, tmp_path):
+    """How the gateway runs it: run_news_input(connector, publisher, symbols, stop=stop) returns
+    promptly when stop is set, even while every feed is waiting for its next poll."""
+    from connectors.news.publish import run_news_input
+    from connectors.publisher import Publisher
+
+    with LocalFeedServer(catalog=HeadlineCatalog(epoch_s=1_600_000_000, period_s=60),
+                         clock=lambda: 1_600_000_000 + 3600.0) as srv:
+        feeds = [FeedSpec("cryptonews", srv.url("cryptonews"), "sim.news.stoptest")]
+        conn = NewsConnector(feeds, store=SeenStore(tmp_path / "seen.json"), scorer=VaderScorer(), poll_interval_s=60)
+        pub = Publisher(bootstrap, next_seq={"BTCUSDT": 0})
+
+        async def main():
+            stop = asyncio.Event()
+
+            async def housekeeping():
+                while not stop.is_set():
+                    pub.poll(0)
+                    await asyncio.sleep(0.01)
+
+            async def stopper():
+                while not (tmp_path / "seen.json").exists():  # the first fetch was published and committed
+                    await asyncio.sleep(0.02)
+                stop.set()
+
+            async with conn:
+                t0 = time.monotonic()
+                totals, *_ = await asyncio.wait_for(asyncio.gather(
+                    run_news_input(conn, pub, ["BTCUSDT"], stop=stop), housekeeping(), stopper()), 20)
+                return totals, time.monotonic() - t0
+
+        totals, took = asyncio.run(main())
+        assert pub.flush(10) == 0
+    assert totals["items"] >= 5 and totals["records"] == totals["items"] and took < 10
