@@ -276,7 +276,7 @@ class Gateway:
 
     def counts(self) -> dict:
         return {"received": sum(self.received.values()), **self.publisher.counts(), "heartbeats": self.heartbeats,
-                "duplicate_trades": self.parser.duplicate_trades, "reconnects": sum(c.reconnects for c in
+                "duplicate_trades": self.parser.duplicate_trades, "book_gaps": self.parser.book_gaps, "reconnects": sum(c.reconnects for c in
                                                                                      self.connections),
                 "resyncs": self.resyncs, "subscribe_errors": self.subscribe_errors}
 

@@ -11,7 +11,8 @@ Prometheus scrapes (in the HTTP server's thread), so metrics cost nothing per me
 - ``tickcast_gateway_dead_letters_total{kind}``
 - ``tickcast_gateway_reconnects_total{conn}``, ``tickcast_gateway_connected{conn}``
 - ``tickcast_gateway_publish_latency_seconds``: produce -> broker acknowledgement (sampled)
-- ``tickcast_gateway_heartbeats_total``, ``..._resyncs_total``, ``..._duplicate_trades_total``
+- ``tickcast_gateway_heartbeats_total``, ``..._resyncs_total``, ``..._duplicate_trades_total``,
+  ``..._book_gaps_total``
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ class GatewayCollector:
         yield g
         yield CounterMetricFamily("tickcast_gateway_heartbeats", "Heartbeats published", value=gw.heartbeats)
         yield CounterMetricFamily("tickcast_gateway_resyncs", "Order-book resyncs done", value=gw.resyncs)
+        yield CounterMetricFamily("tickcast_gateway_book_gaps", "Order-book deltas whose u does not follow",
+                                  value=gw.parser.book_gaps)
         yield CounterMetricFamily("tickcast_gateway_duplicate_trades", "Trades dropped as duplicates (same id)",
                                   value=gw.parser.duplicate_trades)
 

@@ -143,7 +143,8 @@ def _true_end(consumer, topic: str, part: int, start: int, timeout: float) -> in
     deadline = time.monotonic() + timeout
     end = start
     while time.monotonic() < deadline:
-        for msg in consumer.consume(num_messages=1000, timeout=0.5):
+        # consume() waits for num_messages or the timeout: keep the timeout short, EOF ends the loop
+        for msg in consumer.consume(num_messages=1000, timeout=0.02):
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

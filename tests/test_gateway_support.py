@@ -271,16 +271,17 @@ class FakeBybitServer:
 
         return [c for c in self.conns if c.ws.protocol.state is State.OPEN]
 
-    async def push(self, text: str, topic: str | None = None) -> int:
-        """Send ``text`` to every live connection subscribed to its topic (or every one if no topic)."""
-        if topic is None:
+    async def push(self, text: str, *, everyone: bool = False) -> int:
+        """Send ``text`` to every live connection subscribed to its topic (``everyone``: to all)."""
+        topic = None
+        if not everyone:
             try:
                 topic = json.loads(text).get("topic")
             except ValueError:
-                topic = None
+                everyone = True
         n = 0
         for c in self.live():
-            if topic is None or topic in c.topics:
+            if everyone or topic in c.topics:
                 try:
                     await self._send(c, text)
                     n += 1
@@ -304,7 +305,7 @@ def read_back(bootstrap: str, symbols: set[str], *, topics: list[str] | None = N
               timeout: float = 30.0, idle_s: float = 1.0) -> list[tuple[str, str, dict]]:
     """(topic, schema, record) of every record keyed by one of ``symbols`` on ``topics`` (default:
     every raw topic and the dead letters), from the beginning. Stops when ``until(records)`` is
-    true, or after ``idle_s`` without new records once something arrived, or at ``timeout``."""
+    true, or ``idle_s`` after the last new record, or at ``timeout``."""
     from confluent_kafka import Consumer
 
     from tickcast.kafka import assign_all, consumer_config
@@ -332,7 +333,7 @@ def read_back(bootstrap: str, symbols: set[str], *, topics: list[str] | None = N
                 last_new = time.monotonic()
             if until is not None and until(out):
                 break
-            if until is None and out and time.monotonic() - last_new > idle_s:
+            if out and time.monotonic() - last_new > idle_s:
                 break
     finally:
         consumer.close()

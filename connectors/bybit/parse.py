@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tickcast.config import VALID_DEPTHS
+from tickcast.logs import get_logger
 
 try:  # orjson is 2x faster than the stdlib on these messages; both give the same objects
     from orjson import JSONDecodeError as _JSONError
@@ -27,6 +28,7 @@ except ImportError:  # pragma: no cover - orjson is a dependency
     from json import loads as _loads
 
 Event = tuple[str, dict]
+log = get_logger("gateway.parse")
 
 # a finite, non-negative decimal as Bybit writes it ("65114.20", "0", "0.002")
 _DEC = re.compile(r"\d+(?:\.\d+)?")
@@ -181,6 +183,8 @@ class BybitParser:
         self.tickers: dict[str, dict] = {}  # symbol -> merged Ticker state (record field names)
         self._trade_ids: dict[str, OrderedDict] = {}
         self.duplicate_trades = 0
+        self.book_gaps = 0  # deltas whose u is not the previous u + 1 (passed on: the book assembler resyncs)
+        self._last_u: dict[str, int] = {}
         self._topics: dict[str, tuple[str, str, Any]] = {}  # topic -> (channel, symbol, arg) cache
 
     # -- topics ---------------------------------------------------------------------------------
@@ -253,10 +257,17 @@ class BybitParser:
         }
         # u == 1: the exchange restarted and this is a full book whatever the type says
         if kind == "snapshot" or u == 1:
+            self._last_u[symbol] = u
             return ("OrderBookSnapshot", rec)
-        if kind == "delta":
-            return ("OrderBookDelta", rec)
-        raise ParseError("unknown_type", f"order-book message type {kind!r} is neither snapshot nor delta")
+        if kind != "delta":
+            raise ParseError("unknown_type", f"order-book message type {kind!r} is neither snapshot nor delta")
+        last = self._last_u.get(symbol)
+        if last is not None and u != last + 1 and not (depth == 1 and u == last):
+            self.book_gaps += 1
+            log.warning("order-book update id gap (published as is; the book assembler resyncs)",
+                        extra={"symbol": symbol, "u": u, "previous_u": last, "counts": {"gaps": self.book_gaps}})
+        self._last_u[symbol] = u
+        return ("OrderBookDelta", rec)
 
     def _trades(self, data: list, symbol: str, ts: int, recv_ts: int) -> list[Event]:
         if type(data) is not list:
