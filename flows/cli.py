@@ -68,6 +68,35 @@ def archive(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP")
         pass
 
 
+def features(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"),
+             registry: str = typer.Option(None, help="feature registry YAML (default flows/features.yaml)"),
+             recovery_dir: str = typer.Option("data/recovery/features", help="'' disables recovery"),
+             snapshot_s: float = typer.Option(5.0, help="epoch/snapshot interval in seconds"),
+             process_id: int = typer.Option(None, "--process-id", "-i", help="this process in a cluster"),
+             addresses: str = typer.Option(None, "--addresses", "-a", help="host:port of every process, comma-separated"),
+             workers: int = typer.Option(1, "--workers", "-w", help="worker threads per process"),
+             from_end: bool = typer.Option(False, "--from-end", help="without recovery state, start at the topics' end")) -> None:
+    """Run the online feature flow: raw topics -> order books and windowed features -> features.live."""
+    from flows.online_features import run
+    from flows.registry import RegistryError, load_registry
+
+    if registry:
+        try:
+            load_registry(registry)
+        except RegistryError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    if (process_id is None) != (addresses is None) or snapshot_s <= 0 or workers < 1:
+        typer.echo("--process-id and --addresses go together; --snapshot-s and --workers must be positive", err=True)
+        raise typer.Exit(2)
+    try:
+        run(bootstrap, registry_path=registry, recovery_dir=recovery_dir or None, snapshot_s=snapshot_s,
+            process_id=process_id, addresses=addresses.split(",") if addresses else None, workers=workers,
+            from_end=from_end)
+    except KeyboardInterrupt:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -213,6 +242,7 @@ def dataset_show(dataset_id: str = typer.Argument(...)) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    app.command()(features)
     app.command()(archive)
     app.add_typer(lake_app, name="lake")
     app.add_typer(dataset_app, name="dataset")
