@@ -339,7 +339,7 @@ def local_source(settings) -> Source:
     base = settings.gateway_local_url.rstrip("/")
     ws_base = "ws" + base[len("http"):] if base.startswith("http") else base
     return Source("local", f"{ws_base}/v5/public/{settings.category}", base, f"sim.{settings.category}",
-                  "sim.mempool", {c: f"{base}/mempool/{c.lower()}" for c in ("BTC", "LTC")})
+                  "sim.mempool", {"BTC": base, "LTC": f"{base}/ltc"})
 
 
 def bybit_source(settings) -> Source:

@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     # market-data gateway (connectors/): local exchange, heartbeats, buffer, resync, metrics, mempool feeds
     gateway_local_url: str = Field("http://127.0.0.1:8765", validation_alias=_env("gateway_local_url"),
                                    description="the local exchange (source=local): REST here, WebSocket at "
-                                               "ws://.../v5/public/{category}, mempool feeds at .../mempool/{btc,ltc}")
+                                               "ws://.../v5/public/{category}, mempool.space API at .../api (BTC), .../ltc/api (LTC)")
     gateway_heartbeat_ms: int = Field(250, ge=10, le=60_000, validation_alias=_env("gateway_heartbeat_ms"))
     gateway_ping_s: float = Field(20.0, gt=0, le=60, validation_alias=_env("gateway_ping_s"))
     gateway_buffer_max: int = Field(200_000, ge=100, validation_alias=_env("gateway_buffer_max"),
