@@ -82,6 +82,7 @@ def test_news_through_the_gateway_publisher(bootstrap, tmp_path):
 
         totals = asyncio.run(main())
         assert pub.flush(10) == 0
+        del pub, main  # release the producer before the session's broker stops
     n = len(entries)
     assert n >= 30 and totals["items"] == n and totals["records"] == 4 * n and totals["refused"] == 0
     assert totals["dead_letters"] == 4  # 2 huge items, the malformed document, its truncated entry
@@ -197,4 +198,5 @@ def test_news_input_stops_on_the_gateway_stop_event(bootstrap, tmp_path):
 
         totals, took = asyncio.run(main())
         assert pub.flush(10) == 0
+        del pub, main
     assert totals["items"] >= 5 and totals["records"] == totals["items"] and took < 10

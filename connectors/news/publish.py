@@ -8,11 +8,11 @@ start): this module never numbers records itself, it hands them to a ``NewsSink`
 gateway's Publisher is (``publish(name, rec) -> bool`` assigns gw_seq and produces keyed by symbol;
 ``dead_letter(...)`` writes ``tickcast.deadletter``).
 
-Wiring: inside the gateway (one process owns gw_seq), run
-``asyncio.create_task(run_news_input(connector, publisher, symbols))`` on the gateway's event loop,
-next to its market-data inputs. ``tickcast news`` runs the same loop in a process of its own with
-its own Publisher: correct only while no gateway publishes the same symbols (two processes would
-number the same symbols independently).
+Wiring: the gateway (one process owns gw_seq) runs ``run_news_input(connector, publisher, symbols,
+stop=stop)`` as one of its extra inputs on its event loop (``connectors/gateway.py::news_input``,
+on by default, ``TICKCAST_GATEWAY_NEWS``). ``tickcast news`` runs the same loop in a process of its
+own with its own Publisher (gw_seq restored from Kafka): correct only while no gateway publishes the
+same symbols (two processes would number the same symbols independently).
 
 Delivery and the seen set: the connector's seen set is saved only after the publisher's queue has
 been seen empty since the batch was handed over (``wait_delivered``), so a crash re-publishes
