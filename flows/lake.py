@@ -144,9 +144,13 @@ TABLE_OF_TOPIC: dict[str, str] = {t.topic: t.name for t in BRONZE.values()}
 ARCHIVED_TOPICS: tuple[str, ...] = tuple(t.name for t in RAW_TOPICS) + (DEAD_LETTER,)
 
 
+_MIN_DAY = (_dt.date(1, 1, 1) - _dt.date(1970, 1, 1)).days
+_MAX_DAY = (_dt.date(9999, 12, 31) - _dt.date(1970, 1, 1)).days
+
+
 def date_of_ms(ms: int) -> str:
     """UTC date of a millisecond timestamp, ``YYYY-MM-DD`` (the ``date`` partition value)."""
-    days = ms // DAY_MS
+    days = min(max(ms // DAY_MS, _MIN_DAY), _MAX_DAY)  # clamp: a far-off time still names a date
     return (_dt.date(1970, 1, 1) + _dt.timedelta(days=days)).isoformat()
 
 

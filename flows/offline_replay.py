@@ -1,0 +1,267 @@
+"""The offline replay: the archived raw events of a period through the *same* feature dataflow.
+
+    python -m flows.offline_replay --from 2026-11-20 --to 2026-11-21 --symbols BTCUSDT,ETHUSDT --out data/replay/x
+    tickcast replay --from ... --to ... --symbols ... --out ...
+
+``flows.replay_source.DeltaReplaySource`` (each symbol's events in gw_seq order from the Delta
+bronze tables, streamed in bounded memory) -> ``flows.dataflow.build_flow`` (unchanged) -> a
+Parquet sink of the FeatureVector records. The replay starts early enough to reproduce the period:
+``registry.warmup_ms`` before ``--from`` (back to the last book snapshot), and runs until the first
+event past ``--to`` + ``--tail`` so the period's last windows close; only windows ending in
+(from, to] are written.
+
+Output (``--out``): ``vectors/cadence=<c>/<symbol>-<n>.parquet`` with the FeatureVector fields except
+``emit_ts`` (wall time, not part of parity) and ``replay.json`` (period, symbols, table versions,
+registry hash, counts, events/s). ``replay_vectors`` gives the 1-minute vectors per symbol as wide
+tables for the dataset builder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from flows.lake import Lake
+from tickcast.logs import get_logger
+
+log = get_logger("replay")
+
+VECTOR_SCHEMA = pa.schema([
+    ("symbol", pa.string()), ("venue", pa.string()), ("cadence", pa.string()), ("window_end", pa.int64()),
+    ("registry_hash", pa.string()), ("values", pa.map_(pa.string(), pa.float64())),
+    ("nulls", pa.map_(pa.string(), pa.string())), ("book_valid", pa.bool_()), ("event_count", pa.int64()),
+    ("last_gw_seq", pa.int64()), ("close_recv_ts", pa.int64()),
+])
+DEFAULT_TAIL_MS = 60_000
+
+
+def vector_row(rec: dict) -> dict:
+    return {"symbol": rec["symbol"], "venue": rec["venue"], "cadence": rec["cadence"], "window_end": rec["window_end"],
+            "registry_hash": rec["registry_hash"], "values": list(rec["values"].items()),
+            "nulls": list(rec["nulls"].items()), "book_valid": rec["book_valid"], "event_count": rec["event_count"],
+            "last_gw_seq": rec["last_gw_seq"], "close_recv_ts": rec["close_recv_ts"]}
+
+
+def row_vector(row: dict) -> dict:
+    """The FeatureVector record (without emit_ts) of an output row."""
+    out = dict(row)
+    out["values"] = dict(row["values"])
+    out["nulls"] = dict(row["nulls"])
+    return out
+
+
+class VectorWriter:
+    """Buffers feature vectors per (cadence, symbol) and writes Parquet parts of ``flush_rows`` rows."""
+
+    def __init__(self, out: Path, from_ms: int, to_ms: int, flush_rows: int = 20_000):
+        self.out = Path(out)
+        self.from_ms, self.to_ms = from_ms, to_ms
+        self.flush_rows = flush_rows
+        self.buf: dict[tuple[str, str], list[dict]] = {}
+        self.parts: dict[tuple[str, str], int] = {}
+        self.counts: dict[str, int] = {}
+        self.dropped_outside = 0
+
+    def add(self, rec: dict) -> None:
+        if not (self.from_ms < rec["window_end"] <= self.to_ms):
+            self.dropped_outside += 1
+            return
+        key = (rec["cadence"], rec["symbol"])
+        b = self.buf.setdefault(key, [])
+        b.append(vector_row(rec))
+        self.counts[rec["cadence"]] = self.counts.get(rec["cadence"], 0) + 1
+        if len(b) >= self.flush_rows:
+            self._write(key)
+
+    def _write(self, key: tuple[str, str]) -> None:
+        rows = self.buf.pop(key, [])
+        if not rows:
+            return
+        cadence, symbol = key
+        n = self.parts.get(key, 0)
+        self.parts[key] = n + 1
+        d = self.out / "vectors" / f"cadence={cadence}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=VECTOR_SCHEMA), d / f"{symbol}-{n:05d}.parquet",
+                       compression="zstd")
+
+    def close(self) -> None:
+        for key in list(self.buf):
+            self._write(key)
+
+
+class _VectorSinkPartition(StatelessSinkPartition):
+    def __init__(self, writer: VectorWriter):
+        self.writer = writer
+
+    def write_batch(self, items):
+        add = self.writer.add
+        for _symbol, rec in items:
+            add(rec)
+
+    def close(self):
+        self.writer.close()
+
+
+class VectorSink(DynamicSink):
+    """The replay's feature sink: (symbol, FeatureVector) -> Parquet parts under ``out``."""
+
+    def __init__(self, writer: VectorWriter):
+        self.writer = writer
+
+    def build(self, step_id, worker_index, worker_count):
+        return _VectorSinkPartition(self.writer)
+
+
+class CountingSink(DynamicSink):
+    """Counts (key, record) items (offline the dead letters and control requests have nobody to go to)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def build(self, step_id, worker_index, worker_count):
+        sink = self
+
+        class _P(StatelessSinkPartition):
+            def write_batch(self, items):
+                sink.count += len(items)
+
+        return _P()
+
+
+def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: str | Path, *,
+           versions: dict[str, int] | None = None, registry_path: str | None = None, tail_ms: int = DEFAULT_TAIL_MS,
+           progress: bool = True) -> dict:
+    """Replay the archive for [from_ms, to_ms) and write the vectors under ``out``; returns the report."""
+    from bytewax.testing import run_main
+    from tqdm import tqdm
+
+    from flows.dataflow import FlowConfig, FlowSinks, build_flow
+    from flows.registry import DEFAULT_PATH, load_registry
+    from flows.replay_source import REPLAY_TABLES, DeltaReplaySource, estimate_rows
+
+    if to_ms <= from_ms:
+        raise ValueError("empty replay period")
+    registry = load_registry(registry_path or DEFAULT_PATH)
+    versions = dict(versions) if versions else lake.versions(REPLAY_TABLES)
+    start_ms = from_ms - registry.warmup_ms
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = VectorWriter(out, from_ms, to_ms)
+    total = estimate_rows(lake, symbols, start_ms, to_ms + tail_ms, versions=versions)
+    bar = tqdm(total=total or None, desc="replay", unit="ev", unit_scale=True, disable=not progress, mininterval=0.5)
+    events = [0]
+
+    def on_rows(n: int) -> None:
+        events[0] += n
+        bar.update(n)
+
+    source = DeltaReplaySource(lake, symbols, start_ms, to_ms + tail_ms, versions=versions, on_rows=on_rows)
+    dead, control = CountingSink(), CountingSink()
+    flow = build_flow(source, FlowSinks(features=VectorSink(writer), control=control, dead_letters=dead),
+                      FlowConfig(flow_id="tickcast-replay", registry_path=registry_path, requester="replay"))
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    run_main(flow)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    bar.close()
+    writer.close()
+    report = {"period": {"from": from_ms, "to": to_ms}, "replay_start": start_ms, "tail_ms": tail_ms,
+              "symbols": list(symbols), "raw_table_versions": versions, "lake_root": lake.root,
+              "registry_hash": registry.hash, "registry_path": str(registry.path), "events": events[0],
+              "vectors": dict(sorted(writer.counts.items())), "vectors_outside_period": writer.dropped_outside,
+              "dead_letters": dead.count, "resync_requests": control.count, "wall_s": round(wall, 3),
+              "cpu_s": round(cpu, 3), "events_per_s": round(events[0] / wall, 1) if wall > 0 else None}
+    (out / "replay.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log.info("replay done", extra={"counts": {"events": events[0], **writer.counts}})
+    return report
+
+
+def read_vectors(out: str | Path, cadence: str | None = None, symbols: Sequence[str] | None = None) -> pa.Table:
+    """The vectors a replay wrote (optionally one cadence / some symbols), sorted by symbol, cadence, window_end."""
+    base = Path(out) / "vectors"
+    files = sorted(base.glob(f"cadence={cadence}/*.parquet" if cadence else "cadence=*/*.parquet"))
+    if symbols is not None:
+        files = [f for f in files if f.name.rsplit("-", 1)[0] in set(symbols)]
+    if not files:
+        return VECTOR_SCHEMA.empty_table()
+    t = pa.concat_tables([pq.read_table(f, schema=VECTOR_SCHEMA) for f in files])
+    return t.sort_by([("symbol", "ascending"), ("cadence", "ascending"), ("window_end", "ascending")])
+
+
+def wide_m1(vectors: pa.Table, feature_names: Sequence[str]) -> pa.Table:
+    """1-minute vectors of one symbol as a wide table: window_end + one float column per feature."""
+    ends = vectors.column("window_end").to_pylist()
+    values = vectors.column("values").to_pylist()
+    cols: dict[str, list] = {"window_end": ends}
+    for name in feature_names:
+        cols[name] = [dict(v).get(name) for v in values]
+    return pa.table({"window_end": pa.array(ends, pa.int64()),
+                     **{n: pa.array(cols[n], pa.float64()) for n in feature_names}})
+
+
+def replay_vectors(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, *,
+                   versions: dict[str, int] | None = None, progress: bool = False,
+                   registry_path: str | None = None, work_dir: str | Path | None = None) -> tuple[dict[str, pa.Table], str]:
+    """({symbol: wide m1 table}, registry hash): the replay's 1-minute vectors for the dataset builder."""
+    from flows.registry import DEFAULT_PATH, load_registry
+
+    registry = load_registry(registry_path or DEFAULT_PATH)
+    names = registry.names("m1")
+    with tempfile.TemporaryDirectory(prefix="replay-", dir=work_dir) as tmp:
+        replay(lake, symbols, from_ms, to_ms, tmp, versions=versions, registry_path=registry_path, progress=progress)
+        t = read_vectors(tmp, "m1")
+    out = {}
+    import pyarrow.compute as pc
+
+    for sym in symbols:
+        out[sym] = wide_m1(t.filter(pc.equal(t.column("symbol"), sym)), names)
+    return out, registry.hash
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.datasets import DatasetError, parse_time_ms
+
+    p = argparse.ArgumentParser(prog="python -m flows.offline_replay", description=__doc__.split("\n")[0])
+    p.add_argument("--from", dest="period_from", required=True, help="UTC start (ISO or epoch ms)")
+    p.add_argument("--to", dest="period_to", required=True, help="UTC end, exclusive (ISO or epoch ms)")
+    p.add_argument("--symbols", help="comma-separated (default: TICKCAST_SYMBOLS)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--lake-root", help="default: TICKCAST_LAKE_ROOT")
+    p.add_argument("--registry", help="feature registry YAML (default flows/features.yaml)")
+    p.add_argument("--tail-ms", type=int, default=DEFAULT_TAIL_MS, help="events after --to that close its last windows")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    from tickcast.config import ConfigError, get_settings
+
+    try:
+        s = get_settings()
+        lo, hi = parse_time_ms(a.period_from, "from"), parse_time_ms(a.period_to, "to")
+    except (ConfigError, DatasetError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    symbols = [x.strip().upper() for x in a.symbols.split(",") if x.strip()] if a.symbols else list(s.symbols)
+    if any(not x.isalnum() for x in symbols):
+        print(f"bad symbols {symbols}", file=sys.stderr)
+        return 2
+    if hi <= lo:
+        print("--to must be after --from", file=sys.stderr)
+        return 2
+    lake = Lake(a.lake_root or str(s.lake_root), dict(s.lake_storage_options))
+    report = replay(lake, symbols, lo, hi, a.out, registry_path=a.registry, tail_ms=a.tail_ms,
+                    progress=not a.no_progress)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
