@@ -24,8 +24,7 @@ class BadDecimal(ValueError):
     pass
 
 
-def to_fixed(s: str) -> int:
-    """Non-negative decimal string -> integer units of 10^-12, exactly; BadDecimal otherwise."""
+def _to_fixed(s: str) -> int:
     i, dot, f = s.partition(".")
     if not (i.isascii() and i.isdigit() and (not dot or (f.isascii() and f.isdigit()))):
         raise BadDecimal(f"not a non-negative decimal: {s!r}")
@@ -33,6 +32,23 @@ def to_fixed(s: str) -> int:
     if n > FIXED_DECIMALS:
         raise BadDecimal(f"more than {FIXED_DECIMALS} decimals: {s!r}")
     return int(i + f + _PAD[n:]) if n else int(i) * FIXED_SCALE
+
+
+# Book prices and sizes repeat constantly (the same levels, round lots): a bounded memo of the
+# conversion makes parsing a delta a few dict lookups.
+_MEMO: dict[str, int] = {}
+_MEMO_MAX = 500_000
+
+
+def to_fixed(s: str) -> int:
+    """Non-negative decimal string -> integer units of 10^-12, exactly; BadDecimal otherwise."""
+    v = _MEMO.get(s)
+    if v is None:
+        v = _to_fixed(s)
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[s] = v
+    return v
 
 
 def from_fixed(units: int) -> float:
@@ -83,7 +99,13 @@ class Side:
 def _parse_levels(px: list[str], sz: list[str]) -> list[tuple[int, int]]:
     if len(px) != len(sz):
         raise BadDecimal(f"{len(px)} prices but {len(sz)} sizes")
-    return [(to_fixed(p), to_fixed(s)) for p, s in zip(px, sz)]
+    get = _MEMO.get
+    out = []
+    for p, s in zip(px, sz):
+        a = get(p)
+        b = get(s)
+        out.append((to_fixed(p) if a is None else a, to_fixed(s) if b is None else b))
+    return out
 
 
 class OrderBook:

@@ -38,16 +38,68 @@ class FlowSinks:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class RegistryWatcher:
+    """Re-reads the registry file when it changes (checked at most every ``every_s`` seconds of wall
+    time) so ``POST /feature-registry/reload`` or an edit takes effect without a restart; each symbol's
+    engine switches at its next batch. A registry that fails to load is logged and ignored: the
+    running one stays. Values never depend on when the switch happened within a registry: every
+    output record carries the hash of the registry that computed it."""
+
+    def __init__(self, path: str, every_s: float = 2.0):
+        from flows.registry import load_registry
+
+        self.path = path
+        self.every_s = every_s
+        self.current = load_registry(path)
+        self._mtime = self._stat()
+        self._next_check = 0.0
+
+    def _stat(self) -> float:
+        import os
+
+        try:
+            return os.stat(self.path).st_mtime
+        except OSError:
+            return -1.0
+
+    def poll(self):
+        import time
+
+        now = time.monotonic()
+        if now < self._next_check:
+            return self.current
+        self._next_check = now + self.every_s
+        mtime = self._stat()
+        if mtime != self._mtime:
+            self._mtime = mtime
+            from flows.registry import RegistryError, load_registry
+            from tickcast.logs import get_logger
+
+            try:
+                new = load_registry(self.path)
+            except RegistryError as exc:
+                get_logger("features.registry").error("registry change rejected: keeping the running one",
+                                                      extra={"error": str(exc), "hash": self.current.hash})
+            else:
+                if new.hash != self.current.hash:
+                    get_logger("features.registry").info("registry reloaded", extra={
+                        "old": self.current.hash, "new": new.hash, "counts": {"features": len(new.features)}})
+                self.current = new
+        return self.current
+
+
 def _engine_step(registry_path: str | None, requester: str):
-    from flows.engine import _registry_cached
     from flows.engine import SymbolEngine
     from flows.registry import DEFAULT_PATH
 
-    path = str(registry_path or DEFAULT_PATH)
+    watcher = RegistryWatcher(str(registry_path or DEFAULT_PATH))
 
     def step(engine, batch):
+        registry = watcher.poll()
         if engine is None:
-            engine = SymbolEngine(batch[0][1]["symbol"], _registry_cached(path), requester)
+            engine = SymbolEngine(batch[0][1]["symbol"], registry, requester)
+        elif engine.registry_hash != registry.hash:
+            engine.reload(registry)
         return engine, engine.process(batch)
 
     return step

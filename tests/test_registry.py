@@ -81,3 +81,21 @@ def test_unknown_engine_setting_fails(tmp_path):
     reg = load_registry(write(tmp_path, "- {name: a, kind: mid, inputs: [book]}", "engine:\n  bogus: 1\n"))
     with pytest.raises(ValueError, match="unknown engine settings"):
         SymbolEngine("X", reg)
+
+
+def test_running_flow_picks_up_registry_changes_and_rejects_broken_ones(tmp_path):
+    import os
+
+    from flows.dataflow import RegistryWatcher
+
+    path = tmp_path / "reg.yaml"
+    path.write_text("features:\n  - {name: a, kind: mid, inputs: [book]}\n")
+    w = RegistryWatcher(str(path), every_s=0)
+    first = w.current.hash
+    path.write_text("features:\n  - {name: b, kind: mid, inputs: [book]}\n")
+    os.utime(path, (1, 1))
+    assert w.poll().hash != first and w.current.names() == ["b"]
+    good = w.current.hash
+    path.write_text("features:\n  - {name: c, kind: nope, inputs: [book]}\n")
+    os.utime(path, (2, 2))
+    assert w.poll().hash == good  # the broken file is refused, the running registry stays
