@@ -205,6 +205,7 @@ class Publisher:
         self.buffer_max = buffer_max
         conf = producer_config(bootstrap, **{
             "message.timeout.ms": 0,  # never expire a queued record locally: retry until the broker is back
+            "reconnect.backoff.max.ms": 1000,  # back within a second of the broker's return
             "queue.buffering.max.messages": max(buffer_max * 2, 100_000),
             "on_delivery": self._on_delivery,
             **(producer_overrides or {}),
