@@ -118,3 +118,27 @@ def test_online_flow_equals_engine_and_survives_kill_and_restart(tmp_path):
     assert not mismatched
     assert len(collector.dead) == 1 and collector.dead[0]["error_kind"] == "unknown_schema"
     assert collector.dead[0]["topic"] == "market.trades"
+
+
+def test_two_process_cluster_partitions_by_symbol_and_equals_the_engine(tmp_path):
+    from tickcast.broker import free_port
+
+    per, events = merged_events(20)
+    ref = reference(per)
+    addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    with EmbeddedBroker() as broker, open(tmp_path / "flow.log", "ab") as log:
+        producer = Producer(producer_config(broker.bootstrap))
+        produce(producer, events)
+        procs = [subprocess.Popen([sys.executable, "-m", "flows.online_features", "--bootstrap", broker.bootstrap,
+                                   "--recovery-dir", "", "-i", str(i), "-a", addresses],
+                                  stdout=log, stderr=subprocess.STDOUT) for i in range(2)]
+        collector = Collector(broker.bootstrap)
+        try:
+            collector.poll(60, until=lambda: set(ref) <= set(collector.features))
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait(10)
+            collector.c.close()
+    assert set(ref) <= set(collector.features), (tmp_path / "flow.log").read_text()[-3000:]
+    assert all(collector.features[k] == ref[k] for k in ref) and not collector.differing
