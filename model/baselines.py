@@ -272,7 +272,7 @@ class LightGBMQuantile:
             kw = {}
             if val is not None and len(val):
                 yv = yva[tgt] / sva if self.standardise else yva[tgt]
-                kw = dict(eval_set=[(Xva, yv)], eval_metric="quantile",
+                kw = dict(eval_X=(Xva,), eval_y=(yv,), eval_metric="quantile",
                           callbacks=[lgb.early_stopping(30, verbose=False)])
             m.fit(Xtr, y, **kw)
             self.models[(tgt, j)] = m

@@ -191,13 +191,14 @@ class Dataset:
         return str(self.manifest.get("registry_hash", ""))
 
 
-def resolve_dataset(ref: str | Path, data_dir: str | Path = "data") -> Path:
-    """A dataset path, or a dataset id looked up under <data_dir>/datasets/."""
+def resolve_dataset(ref: str | Path, data_dir: str | Path = "data", allow_paths: bool = True) -> Path:
+    """A dataset path (command line use), or a dataset id looked up under <data_dir>/datasets/.
+    With ``allow_paths=False`` (values from a request) only ids are accepted."""
     p = Path(ref)
-    if p.exists():
+    if allow_paths and p.exists():
         return p
     ref_s = str(ref)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", ref_s) or ref_s in (".", ".."):
+    if not re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}", ref_s) or ".." in ref_s:
         raise DatasetError(f"dataset {ref_s!r} is neither an existing path nor a valid dataset id")
     root = Path(data_dir) / "datasets"
     for cand in (root / ref_s, root / f"{ref_s}.parquet"):
@@ -208,7 +209,7 @@ def resolve_dataset(ref: str | Path, data_dir: str | Path = "data") -> Path:
 
 def load_dataset(ref: str | Path | pd.DataFrame, *, data_dir: str | Path = "data", symbol: str | None = None,
                  funding_dir: str | Path | None = None, horizon: int = HORIZON,
-                 flat_threshold: float = DEFAULT_FLAT_THRESHOLD) -> Dataset:
+                 flat_threshold: float = DEFAULT_FLAT_THRESHOLD, allow_paths: bool = True) -> Dataset:
     """Load a dataset (see the module doc); CSV klines are turned into a kline-only dataset."""
     if isinstance(ref, pd.DataFrame):
         df = ref
@@ -219,7 +220,7 @@ def load_dataset(ref: str | Path | pd.DataFrame, *, data_dir: str | Path = "data
             klines = {s: g.drop(columns="symbol") for s, g in df.groupby("symbol", sort=True)}
             df = build_kline_dataset(klines, horizon=horizon, flat_threshold=flat_threshold)
         return Dataset(_check_frame(df, horizon, flat_threshold), {"kind": "frame"}, "frame")
-    path = resolve_dataset(ref, data_dir)
+    path = resolve_dataset(ref, data_dir, allow_paths)
     if path.suffix.lower() == ".csv":
         sym = symbol or symbol_from_path(path)
         if not sym:
@@ -233,11 +234,33 @@ def load_dataset(ref: str | Path | pd.DataFrame, *, data_dir: str | Path = "data
                                  flat_threshold=flat_threshold)
         manifest = {"kind": "kline_csv", "source": str(path), "symbols": [sym], "registry_hash": ""}
         return Dataset(df, manifest, str(path))
-    df, manifest = _read_parquet_or_delta(path)
+    try:
+        df, manifest = _read_parquet_or_delta(path)
+    except DatasetError:
+        raise
+    except Exception as exc:  # not Parquet, unreadable, ...
+        raise DatasetError(f"{path}: cannot read a dataset here ({type(exc).__name__}: {exc})") from None
     return Dataset(_check_frame(df, horizon, flat_threshold), manifest, str(path))
 
 
+def _normalise_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Accept the dataset builder's layout (flows/datasets.py: ``ts`` = minute start, targets
+    ``y_<name>``, the close path as a list column ``y_close_path``) as well as the plain one."""
+    ren = {}
+    if "minute_ts" not in df.columns and "ts" in df.columns:
+        ren["ts"] = "minute_ts"
+    for k in TARGET_COLUMNS + ("close_path",):
+        if f"y_{k}" in df.columns and k not in df.columns:
+            ren[f"y_{k}"] = k
+    df = df.rename(columns=ren)
+    if "close" not in df.columns and {"close_h", "ret_h"} <= set(df.columns):
+        # the reference close C_t = close_h / exp(ret_h) (rows without targets stay unknown)
+        df["close"] = df["close_h"].astype(float) / np.exp(df["ret_h"].astype(float))
+    return df
+
+
 def _check_frame(df: pd.DataFrame, horizon: int, flat_threshold: float) -> pd.DataFrame:
+    df = _normalise_columns(df)
     missing = [c for c in ("symbol", "minute_ts") if c not in df.columns]
     if missing:
         raise DatasetError(f"dataset lacks columns {missing}")
@@ -312,13 +335,15 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
     df = ds.frame if isinstance(ds, Dataset) else ds
     manifest = ds.manifest if isinstance(ds, Dataset) else {}
     if flat_threshold is None:
-        flat_threshold = float(manifest.get("flat_threshold", DEFAULT_FLAT_THRESHOLD))
+        flat_threshold = float(manifest.get("flat_threshold",
+                                            manifest.get("label_config", {}).get("flat_threshold",
+                                                                                 DEFAULT_FLAT_THRESHOLD)))
     missing = [v for v in variates if v not in df.columns]
     if missing:
         raise DatasetError(f"dataset lacks variates {missing}; it has {sorted(df.columns)}")
     if "close" not in df.columns:
         raise DatasetError("dataset needs a close column (the reference price of the targets)")
-    blocks = []
+    blocks, paths_given = [], []
     for symbol, g in df.groupby("symbol", sort=True):
         g = g.sort_values("minute_ts")
         ts_all = g["minute_ts"].to_numpy(np.int64)
@@ -329,6 +354,15 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
             pos = (ts - ts[0]) // MINUTE_MS
             dense = pd.DataFrame(index=np.arange(len(grid)))
             dense["minute_ts"] = grid
+            if "close_path" in part.columns:
+                # list column -> [rows, H] block (None for rows without targets)
+                cp = np.full((len(grid), horizon), np.nan)
+                for i, v in zip(pos, part["close_path"].to_numpy(object)):
+                    if v is not None and len(v) == horizon:
+                        cp[i] = np.asarray(v, float)
+                paths_given.append(cp)
+            else:
+                paths_given.append(None)
             for col in part.columns:
                 if col in ("symbol", "minute_ts"):
                     continue
@@ -357,8 +391,9 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
         return big[name].to_numpy(float) if name in big.columns else np.full(N, np.nan)
 
     close = col("close")
-    high = col("high") if "high" in big.columns else close
-    low = col("low") if "low" in big.columns else close
+    has_hl = "high" in big.columns and "low" in big.columns
+    high = col("high") if has_hl else close
+    low = col("low") if has_hl else close
     # targets: the close path from flows.targets over each segment (never across segments)
     path = np.full((N, horizon), np.nan)
     rv = np.full(N, np.nan)
@@ -367,9 +402,9 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
         a = int(seg_start[seg_id == k][0]) if len(b) else 0
         sl = slice(a, a + len(b))
         tg = forward_targets(close[sl], high[sl], low[sl], horizon=horizon, flat_threshold=flat_threshold)
-        path[sl] = tg["close_path"]
+        path[sl] = tg["close_path"] if paths_given[k] is None else paths_given[k]
         rv[sl] = tg["rv_h"]
-        rng[sl] = tg["range_rel_h"]
+        rng[sl] = tg["range_rel_h"] if has_hl else np.nan
     if "rv_h" in big.columns:
         rv = np.where(np.isfinite(col("rv_h")), col("rv_h"), rv)
     if "range_rel_h" in big.columns:
@@ -385,6 +420,10 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
     r1[seg_start == np.arange(N)] = np.nan
     rv_past = np.sqrt(_rolling_past(r1 * r1, seg_id, horizon, "sum"))
     range_past = (_rolling_past(high, seg_id, horizon, "max") - _rolling_past(low, seg_id, horizon, "min")) / close
+    open_ = col("open")
+    if "open" not in big.columns:  # no open prices: fill at the previous close (no gap return)
+        open_ = np.concatenate([[np.nan], close[:-1]])
+        open_[seg_start == np.arange(N)] = close[seg_start == np.arange(N)]
 
     x = np.stack([col(v) for v in variates], axis=1).astype(np.float32)
     finite_row = np.isfinite(x).all(axis=1)
@@ -398,7 +437,7 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
     origins = np.flatnonzero(ok).astype(np.int64)
     return Windows(variates=list(variates), lookback=lookback, horizon=horizon, x=x,
                    symbol=big["symbol"].to_numpy(object), ts=big["minute_ts"].to_numpy(np.int64),
-                   seg_start=seg_start, seg_end=seg_end, close=close, open=col("open"), high=high, low=low,
+                   seg_start=seg_start, seg_end=seg_end, close=close, open=open_, high=high, low=low,
                    path=path, rv=rv, range_rel=rng, direction=direction, rv_past=rv_past,
                    range_rel_past=range_past, funding=col("funding_rate"), origins=origins,
                    flat_threshold=flat_threshold)

@@ -3,7 +3,8 @@ Forecasting", ICLR 2024), written from the paper's description, with tickcast's 
 
 The paper's architecture, kept as described:
 - per-window normalisation of every variate over the lookback (subtract the window mean, divide by
-  the window standard deviation, population variance + 1e-5), and de-normalisation of the outputs
+  the window standard deviation: population variance plus a small floor, see EPS_VAR), and
+  de-normalisation of the outputs
   with the statistics of the variate they forecast;
 - inverted embedding: each variate's whole lookback series becomes ONE token, Linear(L -> d_model);
   optional time-feature tokens (here the time-of-day / day-of-week variates) are embedded the same
@@ -38,7 +39,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-EPS_VAR = 1e-5
+# The paper adds 1e-5 to the variance of data that was standardised beforehand; tickcast feeds raw
+# variates spanning 1e-4 (returns) to 1e5 (prices), so the floor is scale-aware:
+# var + EPS_VAR * (1 + mean^2), negligible for every real variate, and safe for a constant one.
+EPS_VAR = 1e-10
 SCALE_FLOOR = 1e-6
 
 
@@ -74,7 +78,7 @@ def per_window_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     """x [B, L, N] -> (normalised x, mean [B, 1, N], std [B, 1, N]) over the time axis."""
     mean = x.mean(dim=1, keepdim=True)
     xc = x - mean
-    std = torch.sqrt((xc * xc).mean(dim=1, keepdim=True) + EPS_VAR)
+    std = torch.sqrt((xc * xc).mean(dim=1, keepdim=True) + EPS_VAR * (1.0 + mean * mean))
     return xc / std, mean, std
 
 
@@ -281,6 +285,7 @@ def target_scaling_doc(cfg: ModelConfig) -> dict:
 
 
 def normalisation_doc(cfg: ModelConfig) -> dict:
-    return {"kind": "per_window_revin", "axis": "time", "eps_var": EPS_VAR,
+    return {"kind": "per_window_revin", "axis": "time", "std": "sqrt(var + eps_var * (1 + mean^2))",
+            "eps_var": EPS_VAR,
             "time_tokens_unnormalised": [v for v in cfg.variates if v in set(cfg.time_variates)]
             if cfg.use_time_tokens else []}

@@ -200,7 +200,7 @@ def fit_member(w: Windows, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss["total"]))
+            losses.append(float(loss["total"].detach()))
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             if deadline is not None and time.perf_counter() > deadline:
