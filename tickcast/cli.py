@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "connectors.cli",  # gateway (market data -> Kafka), backfill (REST klines -> lake)
     "flows.cli",  # archive (raw topics -> Delta bronze), lake, dataset
     "api.cli",  # serve (the prediction service: FastAPI + inference loop)
+    "connectors.exchange.cli",  # exchange (the local Bybit/mempool exchange), exchange-record
 ]
 
 for _name in COMMAND_MODULES:

@@ -1,8 +1,9 @@
 """The local exchange: Bybit v5 public WebSocket + REST and mempool feeds on 127.0.0.1, with faults.
 
     async with LocalExchange(ModelDriver(seed=7), port=0) as ex:
+        ex.base_url        # http://127.0.0.1:P  (TICKCAST_GATEWAY_LOCAL_URL: REST GETs and mempool REST)
         ex.ws_url          # ws://127.0.0.1:P/v5/public/linear
-        ex.rest_url        # http://127.0.0.1:H   (REST + control API; the WS port answers GETs too)
+        ex.control_url     # http://127.0.0.1:H  (control API, GET and POST; the REST again, keep-alive)
         ex.sent_log        # {conn_id: [Sent(n, topic, kind, fault, text, t), ...]}
         ex.inject("gap", symbol="BTCUSDT")
 
@@ -341,20 +342,32 @@ class LocalExchange:
         return f"{self.ws_base}/v5/public/spot"
 
     @property
+    def base_url(self) -> str:
+        """One base URL for everything a client GETs: ``TICKCAST_GATEWAY_LOCAL_URL``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
     def rest_url(self) -> str:
+        """Bybit's REST (``https://api.bybit.com``'s role): the WebSocket port answers the GETs."""
+        return self.base_url
+
+    @property
+    def control_url(self) -> str:
+        """The second port: the control API (GET and POST) and the same REST with keep-alive."""
         return f"http://{self.host}:{self.http_port}"
 
     def mempool_ws_url(self, coin: str = "BTC") -> str:
         return f"{self.ws_base}{'/ltc' if coin.upper() == 'LTC' else ''}/api/v1/ws"
 
     def mempool_rest_url(self, coin: str = "BTC") -> str:
-        return f"{self.rest_url}{'/ltc' if coin.upper() == 'LTC' else ''}"
+        """mempool.space's (BTC) or litecoinspace's (LTC) base URL: ``/api/...`` below it."""
+        return f"{self.base_url}{'/ltc' if coin.upper() == 'LTC' else ''}"
 
     def urls(self) -> dict[str, str]:
-        return {"ws_linear": self.ws_url, "ws_spot": self.spot_ws_url, "rest": self.rest_url,
-                "mempool_btc_ws": self.mempool_ws_url("BTC"), "mempool_btc_rest": self.mempool_rest_url("BTC"),
-                "mempool_ltc_ws": self.mempool_ws_url("LTC"), "mempool_ltc_rest": self.mempool_rest_url("LTC"),
-                "control": f"{self.rest_url}/control/state"}
+        return {"base": self.base_url, "ws_linear": self.ws_url, "ws_spot": self.spot_ws_url, "rest": self.rest_url,
+                "mempool_btc": self.mempool_rest_url("BTC"), "mempool_btc_ws": self.mempool_ws_url("BTC"),
+                "mempool_ltc": self.mempool_rest_url("LTC"), "mempool_ltc_ws": self.mempool_ws_url("LTC"),
+                "control": self.control_url}
 
     @property
     def sent_log(self) -> dict[str, list[Sent]]:
@@ -702,7 +715,8 @@ class ThreadedExchange:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(30)
 
     def __getattr__(self, name):
-        if name in ("ws_url", "spot_ws_url", "ws_base", "rest_url", "port", "http_port", "driver", "instruments"):
+        if name in ("ws_url", "spot_ws_url", "ws_base", "base_url", "rest_url", "control_url", "port", "http_port",
+                    "driver", "instruments"):
             return getattr(self.ex, name)
         raise AttributeError(name)
 
