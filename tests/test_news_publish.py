@@ -3,6 +3,7 @@ gw_seq dense per symbol, dead letters with reasons, and the same features from w
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def test_news_through_the_gateway_publisher(bootstrap, tmp_path):
         totals = asyncio.run(main())
         assert pub.flush(10) == 0
         del pub, main  # release the producer before the session's broker stops
+        gc.collect()
     n = len(entries)
     assert n >= 30 and totals["items"] == n and totals["records"] == 4 * n and totals["refused"] == 0
     assert totals["dead_letters"] == 4  # 2 huge items, the malformed document, its truncated entry
@@ -199,4 +201,5 @@ def test_news_input_stops_on_the_gateway_stop_event(bootstrap, tmp_path):
         totals, took = asyncio.run(main())
         assert pub.flush(10) == 0
         del pub, main
+        gc.collect()
     assert totals["items"] >= 5 and totals["records"] == totals["items"] and took < 10
