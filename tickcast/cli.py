@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "flows.cli",  # archive (raw topics -> Delta bronze), lake, dataset
     "api.cli",  # serve (the prediction service: FastAPI + inference loop)
     "connectors.exchange.cli",  # exchange (the local Bybit/mempool exchange), exchange-record
+    "model.cli",  # train, evaluate, model (list, champion, promote, rollback, log, quick-champion)
 ]
 
 for _name in COMMAND_MODULES:
