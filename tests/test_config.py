@@ -33,6 +33,7 @@ def test_dotenv_is_read(monkeypatch, tmp_path):
     ("TICKCAST_SYMBOLS", "BTC-USDT", "letters and digits"),
     ("TICKCAST_SYMBOLS", "BTCUSDT,BTCUSDT", "listed twice"),
     ("TICKCAST_API_PORT", "70000", "TICKCAST_API_PORT"),
+    ("TICKCAST_RETENTION_DAYS", "0", r"^invalid configuration:\n  TICKCAST_RETENTION_DAYS:"),
     ("TICKCAST_SOURCE", "binance", "TICKCAST_SOURCE"),
 ])
 def test_invalid_config_is_a_clear_error(monkeypatch, tmp_path, var, value, needle):

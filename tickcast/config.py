@@ -212,8 +212,10 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
+            # the location is the environment name that was read (an alias), or a field name
             field = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"  TICKCAST_{field.upper()}: {err['msg']} (got {err.get('input')!r})")
+            name = field if field.isupper() else f"TICKCAST_{field.upper()}"
+            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
 
