@@ -130,6 +130,7 @@ class PredictionService:
         self._thread: threading.Thread | None = None
         self._model_ready = threading.Event()
         self._next_periodic = 0.0
+        self._last_msg = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -161,11 +162,13 @@ class PredictionService:
             self.champion.stop()
         if self.producer is not None:
             self.producer.flush(5)
+            self.producer = None  # frees the client (and its connections) now
         if self.consumer is not None:
             try:
                 self.consumer.close()
             except Exception:
                 pass
+            self.consumer = None
         self.store.stop()
 
     @property
@@ -231,6 +234,7 @@ class PredictionService:
             if hi > max(lo, start_of.get(p, 0)):
                 self._need_catchup.add(p)
         consumer.assign(starts)
+        self._last_msg = time.monotonic()
         self.consumer = consumer
         self.broker_state = {"status": "ok", "detail": None, "ts": time.time()}
         log.info("consuming features.live", extra={"counts": {"partitions": len(parts),
@@ -263,6 +267,11 @@ class PredictionService:
                 self.loop_error = f"consume: {exc}"
                 self._stop.wait(0.5)
                 continue
+            if msgs:
+                self._last_msg = time.monotonic()
+            elif not self.caught_up.is_set() and time.monotonic() - self._last_msg > 2.0:
+                self.caught_up.set()  # the backlog is drained (whatever the broker's watermarks said)
+                log.info("caught up with features.live (quiet)")
             for m in msgs:
                 try:
                     self._handle(m)
@@ -283,7 +292,7 @@ class PredictionService:
             self.broker_state = {**self.broker_state, "detail": str(m.error()), "ts": time.time()}
             return
         part, off = m.partition(), m.offset()
-        backlog = off < self.backlog_end.get(part, 0)
+        backlog = not self.caught_up.is_set() and off < self.backlog_end.get(part, 0)
         if not self.caught_up.is_set() and off >= self.backlog_end.get(part, 0) - 1:
             self._need_catchup.discard(part)
             if not self._need_catchup:
@@ -299,16 +308,16 @@ class PredictionService:
         if sym not in self.history:
             self.metrics.records_in.labels("other_symbol").inc()
             return
-        self.metrics.records_in.labels("ok").inc()
         cadence = rec["cadence"]
-        self.latest_features[(sym, cadence)] = (rec, time.time())
-        if cadence != "m1":
-            return
-        if rec["window_end"] % MINUTE_MS:
+        if cadence == "m1" and rec["window_end"] % MINUTE_MS:
+            self.metrics.records_in.labels("bad").inc()
             self._dead_letter(m, "misaligned_window",
                               f"m1 window_end {rec['window_end']} is not on a minute boundary", sym)
             return
-        self._on_minute(rec, backlog)
+        self.metrics.records_in.labels("ok").inc()
+        self.latest_features[(sym, cadence)] = (rec, time.time())
+        if cadence == "m1":
+            self._on_minute(rec, backlog)
 
     def _on_minute(self, rec: dict, backlog: bool) -> None:
         sym = rec["symbol"]
