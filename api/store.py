@@ -259,7 +259,8 @@ class Store:
             k = _key(table, r)
             if k not in out:
                 out[k] = r if columns is None else {c: r.get(c) for c in columns}
-        return sorted(out.values(), key=lambda r: (r.get("symbol", ""), r.get("origin_ts", 0)))
+        return sorted(out.values(), key=lambda r: tuple(str(r.get(k, "")) if k != "origin_ts" else r.get(k, 0)
+                                                        for k in KEYS[table]))
 
     def keys(self, table: str, *, origin_from: int | None = None) -> set[tuple]:
         rows = self.query(table, origin_from=origin_from, columns=list(KEYS[table]))
