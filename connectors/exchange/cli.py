@@ -31,9 +31,9 @@ def _parse_prices(items: list[str]) -> dict[str, str]:
 
 
 def exchange(
-    replay: Path = typer.Option(None, help="replay this JSONL recording (raw Bybit messages or "
+    replay: Path = typer.Option(None, help="replay this JSONL recording (raw Bybit messages or "  # noqa: B008
                                                  "{recv_ts, msg} lines) instead of running the model"),
-    replay_spot: Path = typer.Option(None, help="a spot recording to replay on /v5/public/spot"),
+    replay_spot: Path = typer.Option(None, help="a spot recording to replay on /v5/public/spot"),  # noqa: B008
     symbols: str = typer.Option(None, help="model symbols, comma-separated (default: TICKCAST_SYMBOLS)"),
     speed: float = typer.Option(1.0, help="1 = real time (Bybit's cadence), 10 = ten times faster, "
                                           "0 = as fast as possible"),
@@ -41,7 +41,7 @@ def exchange(
     start_ms: int = typer.Option(None, help="model start time in ms (default: now, floored to the minute)"),
     duration_s: float = typer.Option(None, help="stop the model after this much exchange time"),
     history_days: float = typer.Option(30.0, help="days of 1-minute kline history before the start (REST)"),
-    price: list[str] = typer.Option(None, help="start price of a non-MVP symbol: SYMBOL=PRICE (repeatable)"),
+    price: list[str] = typer.Option(None, help="start price of a non-MVP symbol: SYMBOL=PRICE (repeatable)"),  # noqa: B008
     host: str = typer.Option("127.0.0.1", help="listen address (keep it on loopback)"),
     port: int = typer.Option(None, help="WebSocket + REST GET port (default: the port of "
                                         "TICKCAST_GATEWAY_LOCAL_URL, 8765)"),
@@ -55,7 +55,7 @@ def exchange(
     no_mempool: bool = typer.Option(False, help="do not serve the mempool feeds"),
     sent_log_max: int = typer.Option(100_000, help="messages kept in each connection's sent log (0: all)"),
     start: str = typer.Option("subscribed", help="replay start: subscribed, immediate or manual"),
-    shared_real: Path = typer.Option(None, envvar="TICKCAST_SHARED_REAL",
+    shared_real: Path = typer.Option(None, envvar="TICKCAST_SHARED_REAL",  # noqa: B008
                                      help="../shared/data/real (instruments-info responses)"),
 ) -> None:
     """Run the local exchange: Bybit v5 public WS/REST and mempool.space-compatible feeds on loopback."""
@@ -143,7 +143,7 @@ def exchange(
 
 
 def exchange_record(
-    out: Path = typer.Option(..., help="JSONL file to write (one raw Bybit message per line)"),
+    out: Path = typer.Option(..., help="JSONL file to write (one raw Bybit message per line)"),  # noqa: B008
     seconds: float = typer.Option(60.0, help="exchange time to simulate"),
     seed: int = typer.Option(1),
     start_ms: int = typer.Option(1_786_310_760_000, help="virtual start time (ms, a multiple of 10)"),

@@ -112,7 +112,8 @@ class ModelDriver(Driver):
 
     def __init__(self, symbols: list[str] | None = None, seed: int = 1, speed: float = 1.0,
                  start_ms: int | None = None, history_days: float = 30.0, duration_s: float | None = None,
-                 autostart: bool = True, params: dict[str, Params] | None = None, batch_ms: int = 100):
+                 autostart: bool = True, params: dict[str, Params] | None = None, batch_ms: int = 100,
+                 depths: tuple[int, ...] = P.LINEAR_DEPTHS):
         super().__init__(speed, autostart)
         self.symbols = list(symbols or MVP)
         self.seed = seed
@@ -120,6 +121,7 @@ class ModelDriver(Driver):
         self.history_days = history_days
         self.duration_s = duration_s
         self.params = params
+        self.depths = tuple(depths)
         self.batch_ms = max(STEP, batch_ms - batch_ms % STEP)
         self.model: MarketModel | None = None
         self.published = 0
@@ -128,7 +130,7 @@ class ModelDriver(Driver):
         super().attach(server, instruments)
         insts = {s: instruments.require(s, "linear") for s in self.symbols}
         self.model = MarketModel(insts, seed=self.seed, start_ms=self.start_ms, history_days=self.history_days,
-                                 params=self.params)
+                                 params=self.params, depths=self.depths)
 
     def now_ms(self) -> int:
         return self.model.t if self.model else self.start_ms
@@ -166,7 +168,9 @@ class ModelDriver(Driver):
         log.info("model run finished", extra={"counts": {"published": self.published}})
 
     def serves(self, category: str, topic: P.Topic) -> bool:
-        return category == "linear" and self.model is not None and topic.symbol in self.model.sims
+        if category != "linear" or self.model is None or topic.symbol not in self.model.sims:
+            return False
+        return topic.channel != "orderbook" or topic.depth in self.model.sims[topic.symbol].views
 
     def snapshot(self, category: str, topic: P.Topic) -> Out | None:
         return self.model.snapshot(topic)

@@ -279,6 +279,7 @@ class SymbolSim:
         self._vl = list(self.views.values())
         for v in self._vl:
             self._refresh_view(v)
+            v.sent_ts = start_ms
         # ticker state
         self.index_units = self._fair_scaled()
         self.mark_units = self.index_units
@@ -631,8 +632,9 @@ class SymbolSim:
             out.append((new, ch))
         (v.wb, db), (v.wa, da) = out
         v.version = self.version
-        v.seq = self.seq
-        v.cts = self.cts
+        if db or da:  # an unchanged view keeps its seq and cts: a resend is the same snapshot
+            v.seq = self.seq
+            v.cts = self.cts
         return db, da
 
     def view_levels(self, v: BookView) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -776,7 +778,8 @@ class MarketModel:
     """All symbols of the seeded market, advanced together in virtual time."""
 
     def __init__(self, instruments: dict[str, Instrument], seed: int = 1, start_ms: int = 1_786_310_760_000,
-                 history_days: float = 2.0, params: dict[str, Params] | None = None):
+                 history_days: float = 2.0, params: dict[str, Params] | None = None,
+                 depths: tuple[int, ...] = P.LINEAR_DEPTHS):
         if start_ms % STEP:
             raise ValueError(f"start_ms must be a multiple of {STEP} ms")
         self.seed = seed
@@ -785,7 +788,7 @@ class MarketModel:
         self.sims: dict[str, SymbolSim] = {}
         for sym, inst in instruments.items():
             p = (params or {}).get(sym) or params_for(inst)
-            self.sims[sym] = SymbolSim(inst, p, seed, start_ms, history_days)
+            self.sims[sym] = SymbolSim(inst, p, seed, start_ms, history_days, depths=tuple(sorted(set(depths) | {1})))
 
     @property
     def symbols(self) -> list[str]:
@@ -807,7 +810,8 @@ class MarketModel:
         if sim is None:
             return None
         if topic.channel == "orderbook":
-            return sim.book_snapshot(sim.views[topic.depth], self.t)
+            v = sim.views.get(topic.depth)
+            return None if v is None else sim.book_snapshot(v, self.t)
         if topic.channel == "tickers":
             return sim.ticker_snapshot(self.t)
         if topic.channel == "kline":

@@ -253,13 +253,15 @@ class LocalExchange:
     ``rate_limit``: :class:`RateLimit`. ``log_sent``: keep every sent message per connection
     (``sent_log_max`` keeps only the last N per connection). ``control_token``: bearer token the
     control API's POSTs require (None: none required; the server only listens on loopback).
+    ``mempool_speed``: run the mempool feeds on their own clock that many times real time (default: the
+    model's virtual time, or the wall clock under replay).
     """
 
     def __init__(self, driver: Driver | None = None, *, host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  instruments: InstrumentBook | None = None, shared_real=None, mempool: bool = True,
                  rate_limit: RateLimit | None = None, idle_timeout: float | None = 60.0, log_sent: bool = True,
                  sent_log_max: int | None = None, seed: int = 1, control_token: str | None = None,
-                 max_new_connections: tuple[int, float] | None = (500, 300.0)):
+                 max_new_connections: tuple[int, float] | None = (500, 300.0), mempool_speed: float | None = None):
         self.driver = driver or ModelDriver(seed=seed)
         self.host = host
         self.port = port
@@ -273,6 +275,8 @@ class LocalExchange:
         self.max_new_connections = max_new_connections
         self.seed = seed
         self.mempool_enabled = mempool
+        self.mempool_speed = mempool_speed
+        self._mempool_t0: tuple[float, int] | None = None
         self.mempools: dict[str, MempoolModel] = {}
         self.conns: dict[str, Conn] = {}          # every connection ever opened (the sent log outlives them)
         self.live: set[Conn] = set()
@@ -572,6 +576,13 @@ class LocalExchange:
 
     # ------------------------------------------------------------------ background work
     def _mempool_now(self) -> int:
+        """The mempool clock: the model's virtual time, else the wall clock; with ``mempool_speed``,
+        its own clock running that many times faster than real time from the driver's start time."""
+        if self.mempool_speed:
+            if self._mempool_t0 is None:
+                self._mempool_t0 = (time.monotonic(), self.driver.now_ms())
+            wall0, v0 = self._mempool_t0
+            return v0 + int((time.monotonic() - wall0) * 1000 * self.mempool_speed)
         if isinstance(self.driver, ModelDriver):
             return self.driver.now_ms()
         return int(time.time() * 1000)
