@@ -63,6 +63,11 @@ def _opt_int(obj: dict, key: str, field: str) -> int | None:
     return None if v is None else int(_num(v, field))
 
 
+async def _close_when(stop: asyncio.Event, ws) -> None:
+    await stop.wait()
+    await ws.close()
+
+
 def ws_url_of(base_url: str) -> str:
     """https://mempool.space -> wss://mempool.space/api/v1/ws (same for http -> ws)."""
     base = base_url.rstrip("/")
@@ -262,15 +267,12 @@ class MempoolSpaceFeed:
                     await ws.send(json.dumps({"action": "want", "data": ["stats", "mempool-blocks"]}))
                     self.ws_up = True
                     log.info("mempool feed connected", extra={"chain": self.chain, "url": self.ws_url})
-                    stopper = asyncio.create_task(stop.wait())
-                    while not stop.is_set():
-                        recv = asyncio.create_task(ws.recv())
-                        done, _ = await asyncio.wait({recv, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                        if recv not in done:
-                            recv.cancel()
-                            break
-                        self.handle_ws(recv.result())
-                    stopper.cancel()
+                    closer = asyncio.create_task(_close_when(stop, ws))
+                    try:
+                        async for raw in ws:
+                            self.handle_ws(raw)
+                    finally:
+                        closer.cancel()
                 except Exception as exc:
                     if not stop.is_set():
                         log.warning("mempool WebSocket lost", extra={"chain": self.chain, "error": repr(exc)})
@@ -459,20 +461,23 @@ class AlchemyPendingFeed:
                         self.second = None  # start aggregating on a fresh second
                         log.info("Alchemy pending-transaction feed subscribed", extra={
                             "chain": self.chain, "method": self.method})
-                        stopper = asyncio.create_task(stop.wait())
-                        while not stop.is_set():
-                            recv = asyncio.create_task(ws.recv())
-                            done, _ = await asyncio.wait({recv, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                            if recv not in done:
-                                recv.cancel()
-                                break
-                            self.handle(recv.result())
-                        stopper.cancel()
+                        closer = asyncio.create_task(_close_when(stop, ws))
+                        try:
+                            async for raw in ws:
+                                self.handle(raw)
+                        finally:
+                            closer.cancel()
                     except Exception as exc:
                         if not stop.is_set():
                             log.warning("Alchemy feed lost", extra={"chain": self.chain, "error": repr(exc)})
                     finally:
+                        if self.method is not None:
+                            self.roll()  # publish the seconds that finished
+                            if self.agg.count:
+                                log.warning("Alchemy feed: the second in progress at the disconnect is not published",
+                                            extra={"chain": self.chain, "counts": {"transactions": self.agg.count}})
                         self.method = None
+                        self.agg = PendingAggregate()
                         await ws.close()
                 if stop.is_set():
                     break
