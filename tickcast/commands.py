@@ -59,7 +59,15 @@ def up() -> None:
     raise typer.Exit(run_stack(_settings()))
 
 
+def status() -> None:
+    """Each component of a running `tickcast up`: state, restarts, health."""
+    from tickcast.stack import status as stack_status
+
+    raise typer.Exit(stack_status(_settings()))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(broker)
     app.command()(topics)
     app.command()(up)
+    app.command()(status)

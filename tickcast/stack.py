@@ -1,28 +1,39 @@
-"""``tickcast up``: start every component as a supervised child process.
+"""``tickcast up``: the whole stack as supervised child processes, and ``tickcast status``.
 
-The supervisor restarts a child that exits with exponential backoff, reports a crash loop
-(several exits within a short time) loudly instead of hiding it, and on Ctrl-C/SIGTERM stops the
-children in reverse start order (SIGTERM, then SIGKILL after a grace period). Children die with the
-supervisor (PR_SET_PDEATHSIG), so no orphan survives even a kill -9 of the supervisor.
+Start order: the embedded broker (unless ``KAFKA_BOOTSTRAP`` is set) -> the market-data source
+(``auto``: Bybit when reachable, otherwise the local exchange's market model and the local news
+feed, labelled as simulated everywhere) -> gateway -> raw archive and online feature flow -> a local
+MLflow server -> on a first run without a champion: history backfill, a kline dataset and a small
+champion trained with a progress bar -> the API -> the dashboard.
 
-Components are added here as they land (gateway, archive, features, api, ui, mlflow).
+The supervisor restarts a child that exits with exponential backoff, reports a crash loop (several
+exits within a minute) loudly instead of hiding it, writes each component's state to
+``<data_dir>/stack/status.json`` for ``tickcast status``, and on Ctrl-C/SIGTERM stops the children
+in reverse order (SIGTERM, then SIGKILL after a grace period). Children die with the supervisor
+(PR_SET_PDEATHSIG), so no orphan survives even a kill -9 of the supervisor.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tickcast.broker import EmbeddedBroker, _die_with_parent
 from tickcast.config import Settings
 from tickcast.logs import get_logger
 
 log = get_logger("stack")
+PY = sys.executable
+TICKCAST = [PY, "-m", "tickcast.cli"]
 
 
 @dataclass
@@ -30,63 +41,100 @@ class Component:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    url: str | None = None  # printed for the user
+    url: str | None = None  # shown to the user
+    health: str | None = None  # probed by `tickcast status`
     # runtime state
     proc: subprocess.Popen | None = None
     restarts: int = 0
     exits: list[float] = field(default_factory=list)
     next_start: float = 0.0
     crash_loop: bool = False
+    last_exit: int | None = None
 
 
 class Supervisor:
-    def __init__(self, components: list[Component], log_dir: Path, *, backoff_max: float = 30.0,
-                 crash_window_s: float = 60.0, crash_exits: int = 5):
+    def __init__(self, components: list[Component], log_dir: Path, status_file: Path | None = None, *,
+                 backoff_max: float = 30.0, crash_window_s: float = 60.0, crash_exits: int = 5):
         self.components = components
         self.log_dir = log_dir
+        self.status_file = status_file
         self.backoff_max = backoff_max
         self.crash_window_s = crash_window_s
         self.crash_exits = crash_exits
         self.stopping = threading.Event()
+        self.extra_status: dict = {}
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, c: Component) -> None:
-        out = open(self.log_dir / f"{c.name}.log", "ab")
-        c.proc = subprocess.Popen(c.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **c.env},
-                                  preexec_fn=_die_with_parent)
-        out.close()
+    def log_path(self, c: Component) -> Path:
+        return self.log_dir / f"{c.name}.log"
+
+    def spawn(self, c: Component) -> None:
+        with open(self.log_path(c), "ab") as out:
+            c.proc = subprocess.Popen(c.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **c.env},
+                                      preexec_fn=_die_with_parent)
         log.info("started", extra={"component": c.name, "pid": c.proc.pid, "counts": {"restarts": c.restarts}})
 
-    def _check(self, c: Component, now: float) -> None:
+    def check(self, c: Component, now: float) -> None:
         if c.proc is None:
             if now >= c.next_start:
-                self._spawn(c)
+                self.spawn(c)
             return
         code = c.proc.poll()
         if code is None:
             return
         c.proc = None
+        c.last_exit = code
         c.exits = [t for t in c.exits if now - t < self.crash_window_s] + [now]
         c.restarts += 1
         delay = min(self.backoff_max, 0.5 * 2 ** min(len(c.exits) - 1, 8))
         c.next_start = now + delay
-        if len(c.exits) >= self.crash_exits and not c.crash_loop:
+        if len(c.exits) >= self.crash_exits:
+            if not c.crash_loop:
+                print(f"!! {c.name} is in a crash loop ({len(c.exits)} exits in {self.crash_window_s:.0f} s, "
+                      f"last code {code}); see {self.log_path(c)}", file=sys.stderr, flush=True)
             c.crash_loop = True
-            log.error("crash loop: restarting with backoff; see its log", extra={
-                "component": c.name, "exit_code": code, "log": str(self.log_dir / f"{c.name}.log"),
-                "counts": {"exits_in_window": len(c.exits)}})
+            log.error("crash loop: restarting with backoff", extra={
+                "component": c.name, "exit_code": code, "log": str(self.log_path(c)),
+                "counts": {"exits_in_window": len(c.exits), "restarts": c.restarts}})
         else:
-            log.warning("exited; restarting", extra={"component": c.name, "exit_code": code, "delay_s": delay})
-        if len(c.exits) == 1:
             c.crash_loop = False
+            log.warning("exited; restarting", extra={"component": c.name, "exit_code": code, "delay_s": delay})
+
+    def write_status(self) -> None:
+        if not self.status_file:
+            return
+        now = time.monotonic()
+        state = {"pid": os.getpid(), "updated": time.time(), **self.extra_status, "components": {
+            c.name: {"pid": c.proc.pid if c.proc else None,
+                     "state": "running" if c.proc else ("crash-loop" if c.crash_loop else "restarting"),
+                     "restarts": c.restarts, "last_exit": c.last_exit, "url": c.url, "health": c.health,
+                     "log": str(self.log_path(c)),
+                     "restart_in_s": None if c.proc else round(max(0.0, c.next_start - now), 1)}
+            for c in self.components}}
+        tmp = self.status_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.status_file)
+
+    def add(self, c: Component) -> None:
+        self.components.append(c)
+        self.spawn(c)
+
+    def supervise(self, until: threading.Event | None = None, tick: float = 0.2) -> None:
+        last_status = 0.0
+        while not self.stopping.is_set() and not (until and until.is_set()):
+            now = time.monotonic()
+            for c in self.components:
+                self.check(c, now)
+            if now - last_status > 1.0:
+                self.write_status()
+                last_status = now
+            self.stopping.wait(tick)
 
     def run(self) -> int:
         for c in self.components:
-            self._spawn(c)
-        while not self.stopping.wait(0.2):
-            now = time.monotonic()
-            for c in self.components:
-                self._check(c, now)
+            if c.proc is None:
+                self.spawn(c)
+        self.supervise()
         self.shutdown()
         return 0
 
@@ -104,20 +152,109 @@ class Supervisor:
                 log.warning("did not stop in time: killed", extra={"component": c.name})
                 c.proc.kill()
                 c.proc.wait()
+            c.proc = None
+        if self.status_file and self.status_file.exists():
+            self.status_file.unlink()
 
 
-def build_components(settings: Settings, bootstrap: str) -> list[Component]:
-    """The children of ``tickcast up``; grows as components land."""
-    env = {"KAFKA_BOOTSTRAP": bootstrap}
-    py = sys.executable
-    del py, env  # no child components yet beyond the broker
-    return []
+# --- the components ---------------------------------------------------------------------------------
+def _port(url: str, default: int) -> int:
+    return urlsplit(url).port or default
+
+
+def resolve_source(settings: Settings) -> str:
+    """'bybit' or 'local': ``auto`` probes Bybit's REST quickly and falls back to the simulation."""
+    if settings.source != "auto":
+        return settings.source
+    try:
+        with urllib.request.urlopen(f"{settings.bybit_rest_url}/v5/market/time", timeout=3) as resp:
+            if resp.status == 200:
+                return "bybit"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable from here"
+        log.info("Bybit not reachable: using the local simulated exchange", extra={"error": str(exc)[:200]})
+    return "local"
+
+
+def market_components(settings: Settings, source: str, env: dict) -> list[Component]:
+    out = []
+    if source == "local":
+        port = _port(settings.gateway_local_url, 8765)
+        out.append(Component("exchange", TICKCAST + ["exchange", "--port", str(port), "--history-days", "7"], env,
+                             url=f"ws://127.0.0.1:{port}/v5/public/linear (SIMULATED market)",
+                             health=f"http://127.0.0.1:{port}/v5/market/tickers?category=linear"))
+        news_port = _port(settings.news_local_url, 8790)
+        out.append(Component("newsfeed", TICKCAST + ["newsfeed", "--port", str(news_port)], env,
+                             health=f"http://127.0.0.1:{news_port}/"))
+    metrics = settings.gateway_metrics_port
+    out.append(Component("gateway", TICKCAST + ["gateway"], {**env, "TICKCAST_SOURCE": source},
+                         health=f"http://127.0.0.1:{metrics}/metrics" if metrics else None))
+    return out
+
+
+def pipeline_components(settings: Settings, env: dict) -> list[Component]:
+    recovery = str(Path(settings.data_dir) / "recovery" / "features")
+    return [
+        Component("archive", TICKCAST + ["archive"], env),
+        Component("features", TICKCAST + ["features", "--recovery-dir", recovery], env),
+    ]
+
+
+def mlflow_component(settings: Settings, env: dict, port: int = 5000) -> Component | None:
+    exe = shutil.which("mlflow", path=str(Path(PY).parent)) or shutil.which("mlflow")
+    uri = settings.mlflow_tracking_uri
+    if not exe or not uri.startswith("sqlite:"):
+        return None  # a remote tracking server is configured: nothing to run locally
+    artifacts = Path(settings.data_dir) / "mlflow" / "artifacts"
+    return Component("mlflow", [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri,
+                                "--default-artifact-root", str(artifacts.resolve()), "--workers", "1"], env,
+                     url=f"http://127.0.0.1:{port}", health=f"http://127.0.0.1:{port}/health")
+
+
+def serving_components(settings: Settings, env: dict) -> list[Component]:
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    out = [Component("api", TICKCAST + ["serve"], env, url=f"{api}/docs", health=f"{api}/health")]
+    try:
+        import ui.cli  # noqa: F401 - the dashboard lands with its own issue
+
+        ui_url = f"http://127.0.0.1:{settings.ui_port}"
+        out.append(Component("ui", TICKCAST + ["ui"], {**env, "TICKCAST_API_URL": api}, url=ui_url, health=ui_url))
+    except ImportError:
+        pass
+    return out
+
+
+def bootstrap_champion(settings: Settings, env: dict, log_dir: Path) -> bool:
+    """First run: backfill kline history, build a kline dataset, train a small champion (<= 3 min).
+    Runs in the foreground so its progress bars show; returns whether a champion exists afterwards."""
+    from model import registry
+
+    if registry.alias_version(settings, registry.CHAMPION) is not None:
+        return True
+    print("no champion model yet: backfilling history and training a small one (about 3 minutes)...", flush=True)
+    rc = subprocess.call([PY, "-m", "tickcast.bootstrap"], env={**os.environ, **env}, preexec_fn=_die_with_parent)
+    if rc != 0:
+        print(f"!! bootstrap failed with code {rc}: the API runs without a model (see the messages above)",
+              file=sys.stderr, flush=True)
+    return registry.alias_version(settings, registry.CHAMPION) is not None
+
+
+def _print_urls(sup: Supervisor, bootstrap: str, source: str) -> None:
+    print(f"\ntickcast is up ({'SIMULATED market: local exchange' if source == 'local' else 'Bybit live data'}).",
+          flush=True)
+    print(f"  kafka      {bootstrap}")
+    for c in sup.components:
+        if c.url:
+            print(f"  {c.name:10s} {c.url}")
+    print(f"  logs       {sup.log_dir}/\n  status     tickcast status\nCtrl-C stops everything.\n", flush=True)
 
 
 def run_stack(settings: Settings) -> int:
+    data_dir = Path(settings.data_dir)
+    stack_dir = data_dir / "stack"
+    stack_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir / "logs"
     broker = None
     bootstrap = settings.kafka_bootstrap
-    data_dir = Path(settings.data_dir)
     if not bootstrap:
         broker = EmbeddedBroker(log_file=None).start()
         bootstrap = broker.bootstrap
@@ -125,18 +262,77 @@ def run_stack(settings: Settings) -> int:
         from tickcast.topics import ensure_topics
 
         ensure_topics(bootstrap)
-    sup = Supervisor(build_components(settings, bootstrap), data_dir / "logs")
-    signal.signal(signal.SIGTERM, lambda *_: sup.stopping.set())
-    print(f"tickcast is up. Kafka bootstrap: {bootstrap}  (Ctrl-C stops everything)", flush=True)
-    for c in sup.components:
-        if c.url:
-            print(f"  {c.name:10s} {c.url}", flush=True)
+    source = resolve_source(settings)
+    env = {"KAFKA_BOOTSTRAP": bootstrap, "TICKCAST_SOURCE": source, "TICKCAST_DATA_DIR": str(data_dir)}
+    sup = Supervisor([], log_dir, stack_dir / "status.json")
+    sup.extra_status = {"kafka": bootstrap, "source": source, "embedded_broker": broker is not None}
+    stop = sup.stopping
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        for c in market_components(settings, source, env) + pipeline_components(settings, env):
+            sup.add(c)
+        from model import registry
+
+        registry.ensure_experiment(settings)  # create/migrate the store once, before any other user
+        ml = mlflow_component(settings, env)
+        if ml:
+            sup.add(ml)
+        done = threading.Event()
+        watcher = threading.Thread(target=sup.supervise, args=(done,), daemon=True)
+        watcher.start()  # keep the pipeline supervised while the champion trains
+        bootstrap_champion(settings, env, log_dir)
+        done.set()
+        watcher.join()
+        for c in serving_components(settings, env):
+            sup.add(c)
+        _print_urls(sup, bootstrap, source)
         return sup.run()
     except KeyboardInterrupt:
         sup.shutdown()
         return 0
     finally:
+        sup.shutdown()
         if broker:
             broker.stop()
         print("tickcast stopped.", flush=True)
+
+
+# --- tickcast status ---------------------------------------------------------------------------------
+def _probe(url: str | None) -> str:
+    if not url:
+        return "-"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return f"ok ({resp.status})"
+    except urllib.error.HTTPError as exc:
+        return f"http {exc.code}"
+    except Exception as exc:  # noqa: BLE001
+        return f"down ({type(exc).__name__})"
+
+
+def status(settings: Settings) -> int:
+    path = Path(settings.data_dir) / "stack" / "status.json"
+    if not path.exists():
+        print("tickcast is not running (no stack status file; start it with `make up`).")
+        return 1
+    st = json.loads(path.read_text())
+    age = time.time() - st["updated"]
+    alive = _pid_alive(st["pid"])
+    print(f"supervisor pid {st['pid']} {'running' if alive and age < 10 else 'NOT RESPONDING'} "
+          f"(updated {age:.0f} s ago), kafka {st.get('kafka')}, source {st.get('source')}")
+    worst = 0
+    for name, c in st["components"].items():
+        health = _probe(c["health"]) if c["state"] == "running" else "-"
+        print(f"  {name:10s} {c['state']:11s} pid={c['pid'] or '-':<7} restarts={c['restarts']:<3} health={health}"
+              f"{'  ' + c['url'] if c['url'] else ''}")
+        if c["state"] != "running" or health.startswith(("down", "http 5")):
+            worst = 1
+    return worst if alive else 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
