@@ -33,6 +33,14 @@ INTERVAL_MS = {"1": 60_000, "3": 180_000, "5": 300_000, "15": 900_000, "30": 1_8
                "D": 86_400_000, "W": 604_800_000}
 
 
+def _reset_wait(header: str | None) -> float:
+    """Seconds until ``X-Bapi-Limit-Reset-Timestamp`` (ms), 0 when absent or past."""
+    try:
+        return max(0.0, int(header) / 1000 - time.time()) if header else 0.0
+    except ValueError:
+        return 0.0
+
+
 class RestError(RuntimeError):
     def __init__(self, message: str, *, status: int | None = None, ret_code: int | None = None):
         super().__init__(message)
@@ -125,6 +133,7 @@ class BybitRest:
             await self.limiter.acquire()
             self.requests += 1
             status = None
+            reset_at = 0.0
             try:
                 resp = await self.http.get(path, params=params)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
@@ -140,9 +149,10 @@ class BybitRest:
                     if code == 0:
                         return body
                     if code not in RETRY_RET_CODES:
-                        raise RestError(f"GET {path} {params}: retCode {code}: {body.get('retMsg') if isinstance(body, dict) else body!r}",
-                                        status=status, ret_code=code)
+                        msg = body.get("retMsg") if isinstance(body, dict) else body
+                        raise RestError(f"GET {path} {params}: retCode {code}: {msg!r}", status=status, ret_code=code)
                     last = f"retCode {code} {body.get('retMsg')}"
+                    reset_at = _reset_wait(resp.headers.get("X-Bapi-Limit-Reset-Timestamp"))
                 elif status in (403, 429) or status >= 500:
                     last = f"HTTP {status}"
                     if status == 403:
@@ -153,7 +163,8 @@ class BybitRest:
             if attempt == self.max_retries:
                 break
             self.retries += 1
-            delay = self._delay(attempt, status)
+            # Bybit says when its per-endpoint limit resets: wait for that (bounded), not less
+            delay = max(self._delay(attempt, status), min(reset_at, self.backoff_max_s))
             log.warning("REST request failed; retrying", extra={
                 "path": path, "error": last, "delay_s": round(delay, 2), "counts": {"attempt": attempt + 1}})
             await asyncio.sleep(delay)
