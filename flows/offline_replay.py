@@ -22,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -170,7 +171,7 @@ def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: st
                       FlowConfig(flow_id="tickcast-replay", registry_path=registry_path, requester="replay"))
     t0 = time.perf_counter()
     c0 = time.process_time()
-    run_main(flow)
+    run_main(flow, epoch_interval=timedelta(days=1))  # no snapshots: a replay is re-run, never resumed
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     bar.close()

@@ -22,6 +22,7 @@ before ``start_ms`` (looking back at most ``book_lookback_ms``), else at the fir
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -64,13 +65,14 @@ def _open_batches(f: _File, columns: list[str], batch_size: int):
 class _Stream:
     """One bronze file as a gw_seq-sorted stream of record batches."""
 
-    __slots__ = ("table", "schema_name", "fields", "it", "seq", "ets", "recs", "pos", "done", "symbol",
+    __slots__ = ("table", "schema_name", "names", "fields", "it", "seq", "ets", "recs", "pos", "done", "symbol",
                  "lo_seq", "batch_size", "read_rows")
 
     def __init__(self, f: _File, symbol: str, lo_seq: int, batch_size: int):
         t = BRONZE[f.table]
         self.table = f.table
         self.schema_name = t.schema_name
+        self.names = list(t.avro_fields)
         self.fields = [c for c in t.avro_fields if c != "symbol"]  # symbol is the partition value
         self.symbol = symbol
         self.lo_seq = lo_seq
@@ -84,15 +86,10 @@ class _Stream:
         self.read_rows = 0
 
     def _records(self, batch) -> list[dict]:
-        cols = [batch.column(c).to_pylist() for c in self.fields]
-        names = self.fields
-        sym = self.symbol
-        out = []
-        for vals in zip(*cols):
-            rec = dict(zip(names, vals))
-            rec["symbol"] = sym
-            out.append(rec)
-        return out
+        # the record's own field order, the symbol (a partition value, not stored in the file) in place
+        names = self.names
+        cols = [repeat(self.symbol) if n == "symbol" else batch.column(n).to_pylist() for n in names]
+        return [dict(zip(names, vals)) for vals in zip(*cols)]
 
     def fill(self) -> bool:
         """Make sure rows are buffered; False when the file is exhausted."""
