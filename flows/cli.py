@@ -3,6 +3,8 @@
     tickcast archive [--once]                       raw topics -> Delta bronze tables
     tickcast lake versions | retention | import-klines FILE... | import-funding FILE...
     tickcast dataset build --from --to --symbols | list | show ID
+    tickcast replay --from --to --symbols --out               the archive through the feature dataflow
+    tickcast parity --from --to [--symbols]                   features.live vs the replay, per feature
 
 Only typer and the standard library at module level; everything heavy is imported inside commands.
 """
@@ -241,8 +243,83 @@ def dataset_show(dataset_id: str = typer.Argument(...)) -> None:
     typer.echo(json.dumps(m, indent=2, sort_keys=True))
 
 
+# ---------------------------------------------------------------------------------------------
+
+
+def _period(period_from: str, period_to: str) -> tuple[int, int]:
+    from flows.datasets import DatasetError, parse_time_ms
+
+    try:
+        lo, hi = parse_time_ms(period_from, "--from"), parse_time_ms(period_to, "--to")
+    except DatasetError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if hi <= lo:
+        typer.echo("--to must be after --from", err=True)
+        raise typer.Exit(2)
+    return lo, hi
+
+
+def _checked_symbols(symbols: str | None) -> list[str]:
+    syms = _symbols(symbols) or list(_settings().symbols)
+    bad = [s for s in syms if not s.isalnum()]
+    if bad:
+        typer.echo(f"bad symbols {bad}: letters and digits only", err=True)
+        raise typer.Exit(2)
+    return syms
+
+
+def replay(period_from: str = typer.Option(..., "--from", help="UTC start (ISO or epoch ms)"),
+           period_to: str = typer.Option(..., "--to", help="UTC end, exclusive"),
+           symbols: str = typer.Option(None, help="comma-separated; default TICKCAST_SYMBOLS"),
+           out: str = typer.Option(..., help="output folder (vectors/ and replay.json)"),
+           registry: str = typer.Option(None, help="feature registry YAML (default flows/features.yaml)"),
+           tail_ms: int = typer.Option(60_000, help="events after --to that close its last windows"),
+           lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Replay the Delta archive through the feature dataflow (same code as online) into Parquet."""
+    from flows.offline_replay import replay as run_replay
+
+    lo, hi = _period(period_from, period_to)
+    report = run_replay(_lake(lake_root), _checked_symbols(symbols), lo, hi, out, registry_path=registry,
+                        tail_ms=tail_ms, progress=True)
+    typer.echo(json.dumps(report, indent=2, sort_keys=True))
+
+
+def parity(period_from: str = typer.Option(..., "--from", help="UTC start (ISO or epoch ms)"),
+           period_to: str = typer.Option(..., "--to", help="UTC end, exclusive"),
+           symbols: str = typer.Option(None, help="comma-separated; default TICKCAST_SYMBOLS"),
+           bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"),
+           registry: str = typer.Option(None, help="feature registry YAML the online flow used"),
+           json_out: str = typer.Option(None, "--json", help="also write the report as JSON here"),
+           lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
+    """Compare what features.live published with the offline replay of the archive, per feature
+    (exit 1 on any mismatch)."""
+    from pathlib import Path
+
+    from flows.parity import parity as run_parity
+
+    lo, hi = _period(period_from, period_to)
+    bootstrap = bootstrap or _settings().kafka_bootstrap
+    if not bootstrap:
+        typer.echo("no broker: set KAFKA_BOOTSTRAP or pass --bootstrap", err=True)
+        raise typer.Exit(2)
+    try:
+        report = run_parity(bootstrap, _lake(lake_root), lo, hi, _checked_symbols(symbols), registry_path=registry,
+                            progress=True)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(report.text())
+    if json_out:
+        Path(json_out).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(features)
     app.command()(archive)
+    app.command()(replay)
+    app.command()(parity)
     app.add_typer(lake_app, name="lake")
     app.add_typer(dataset_app, name="dataset")
