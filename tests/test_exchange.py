@@ -3,6 +3,7 @@ book streams, ticker/book and kline/trade consistency, REST, rate limits, idle c
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from decimal import Decimal
@@ -154,7 +155,7 @@ def test_books_snapshot_then_deltas_u_plus_one_and_depth_1_resends():
         assert ms[0]["type"] == "snapshot", topic
         if depth == 1:
             assert all(m["type"] == "snapshot" and list(m) == ["topic", "ts", "type", "data", "cts"] for m in ms)
-            for a, b in zip(ms, ms[1:]):
+            for a, b in itertools.pairwise(ms):
                 if b["data"]["u"] == a["data"]["u"]:  # a resend: same book, after 3 s without change
                     assert b["data"] == a["data"] and b["ts"] - a["ts"] >= 3000
                 else:
@@ -163,7 +164,7 @@ def test_books_snapshot_then_deltas_u_plus_one_and_depth_1_resends():
         book = Book()
         book.apply(ms[0])
         assert len(ms) > 10, topic
-        for a, b in zip(ms, ms[1:]):
+        for a, b in itertools.pairwise(ms):
             assert list(b) == ["topic", "type", "ts", "data", "cts"]
             assert b["type"] == "delta" and b["data"]["u"] == a["data"]["u"] + 1, topic
             assert b["data"]["seq"] > a["data"]["seq"] and b["ts"] >= a["ts"] and b["cts"] <= b["ts"]
@@ -258,11 +259,11 @@ def test_klines_equal_the_aggregation_of_the_trades():
                 assert len(m["data"]) == 2 and not m["data"][1]["confirm"]  # the closing message carries 2
                 assert m["data"][1]["start"] == closed[0]["end"] + 1
             confirmed[sym] += closed
-    for sym in trades:
-        assert len(confirmed[sym]) == 2 and trades[sym], sym
+    for sym, sym_trades in trades.items():
+        assert len(confirmed[sym]) == 2 and sym_trades, sym
         prev_close = hist_close if sym == "BTCUSDT" else None
         for c in confirmed[sym]:
-            ts = [t for t in trades[sym] if c["start"] <= t["T"] <= c["end"]]
+            ts = [t for t in sym_trades if c["start"] <= t["T"] <= c["end"]]
             opn = Decimal(c["open"])
             if prev_close is not None:
                 assert opn == Decimal(prev_close)  # opens at the previous close (history, then live)
@@ -294,7 +295,7 @@ def test_rest_klines_newest_first_paging_limits_and_errors():
             rows = d["result"]["list"]
             assert len(rows) == 200  # default limit
             starts = [int(r[0]) for r in rows]
-            assert starts == sorted(starts, reverse=True) and all(a - b == 60_000 for a, b in zip(starts, starts[1:]))
+            assert starts == sorted(starts, reverse=True) and all(a - b == 60_000 for a, b in itertools.pairwise(starts))
             assert starts[0] == ex.driver.now_ms() // 60_000 * 60_000  # the still-open candle comes first
             for r in rows:
                 o, h, lo, c = map(Decimal, r[1:5])
@@ -313,7 +314,7 @@ def test_rest_klines_newest_first_paging_limits_and_errors():
                 seen += [int(r[0]) for r in page]
                 end = int(page[-1][0]) - 1
             assert len(seen) == len(set(seen)) and len(seen) >= 1440 + 1
-            assert all(a - b == 60_000 for a, b in zip(seen, seen[1:]))
+            assert all(a - b == 60_000 for a, b in itertools.pairwise(seen))
             sub = (await get(symbol="BTCUSDT", interval="1", start=seen[10], end=seen[5]))["result"]["list"]
             assert [int(r[0]) for r in sub] == seen[5:11]
             five = (await get(symbol="ETHUSDT", interval="5", limit=3))["result"]["list"]

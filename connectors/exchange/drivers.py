@@ -156,9 +156,10 @@ class ModelDriver(Driver):
                 target = m.t + self.batch_ms
             if end is not None:
                 target = min(target, end)
-            for out in m.advance(target):
-                publish("linear", out)
-                self.published += 1
+            for batch in m.steps(target):
+                for out in batch:
+                    publish("linear", out)
+                self.published += len(batch)
             await self.server.backpressure()
             if end is not None and m.t >= end:
                 break

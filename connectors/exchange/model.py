@@ -796,13 +796,20 @@ class MarketModel:
 
     def advance(self, until_ms: int) -> list[Out]:
         """Run the steps up to ``until_ms`` and return the messages they published, in order."""
-        out: list[Out] = []
+        return [o for batch in self.steps(until_ms) for o in batch]
+
+    def steps(self, until_ms: int):
+        """Run the steps up to ``until_ms``, yielding each symbol-step's messages as soon as they exist:
+        a consumer that publishes them before pulling the next batch always publishes a message while
+        the model's state is the state right after it (snapshots taken then match the stream)."""
         sims = list(self.sims.values())
         while self.t + STEP <= until_ms:
             self.t += STEP
             for s in sims:
+                out: list[Out] = []
                 s.step(self.t, out)
-        return out
+                if out:
+                    yield out
 
     def snapshot(self, topic: P.Topic) -> Out | None:
         """The first message a new subscriber of ``topic`` gets (None for trades)."""
