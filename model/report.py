@@ -119,14 +119,18 @@ def write_report(out_dir: Path, w, split, cfg, val_m, test_m, fc_val, fc_test, i
         lines += ["", "## test (held out; not used for any choice)", "", _metrics_md(test_m)]
         plot_fan(rep / "fan_test.png", w, split.test, fc_test, title="test: forecast fan vs actual")
         plot_calibration(rep / "calibration_test.png", {"test": test_m})
-        if np.isfinite(signal.get("threshold", np.inf)):
-            bts = {"itransformer": {s: backtest_forecast(w, split.test, fc_test, signal["threshold"], signal["hold"],
-                                                         BacktestConfig(sizing=s)) for s in ("fixed", "vol_target")}}
-            plot_equity(rep / "equity_test.png", bts)
-            for s, r in bts["itransformer"].items():
-                t = r["total"]
-                lines.append(f"\nbacktest ({s}): P&L {t['pnl']:+.1f} USDT, per 30 d {t['pnl_per_30d']:+.1f}, "
-                             f"Sharpe {t['sharpe']:.2f}, max DD {100 * t['max_drawdown']:.2f}%, trades {t['n_trades']}")
+        # run even when validation found no profitable threshold: then it stays flat, reported as such
+        bts = {"itransformer": {s: backtest_forecast(w, split.test, fc_test, signal["threshold"], signal["hold"],
+                                                     BacktestConfig(sizing=s)) for s in ("fixed", "vol_target")}}
+        plot_equity(rep / "equity_test.png", bts)
+        for s, r in bts["itransformer"].items():
+            t = r["total"]
+            lines.append(f"\nbacktest ({s}): P&L {t['pnl']:+.1f} USDT, per 30 d {t['pnl_per_30d']:+.1f}, "
+                         f"Sharpe {t['sharpe']:.2f}, max DD {100 * t['max_drawdown']:.2f}%, trades {t['n_trades']}")
+    else:  # no test part: the equity curve of the validation period (where the signal was tuned)
+        bts = {"itransformer (validation)": {"fixed": backtest_forecast(w, split.val, fc_val, signal["threshold"],
+                                                                         signal["hold"], BacktestConfig())}}
+        plot_equity(rep / "equity_val.png", bts, title="validation equity (signal tuned here: optimistic)")
     lines += ["", f"signal (tuned on validation): {json.dumps(signal)}",
               "", f"ONNX parity (max abs diff ORT vs torch): batch 1 {parity[1]:.2e}, batch 8 {parity[8]:.2e}",
               "", "plots: " + ", ".join(sorted(p.name for p in rep.glob('*.png')))]

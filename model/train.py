@@ -290,14 +290,18 @@ def tune_signal(fc_val: dict, w: Windows, val: np.ndarray, bt_cfg=None) -> dict:
 
     bt_cfg = bt_cfg or BacktestConfig()
     score = score_from_forecast(fc_val)
-    best = {"threshold": float("inf"), "hold": 30, "sharpe": 0.0}
+    # default: never trade (a finite threshold above every score, JSON-safe)
+    never = float(np.ceil(np.nanmax(np.abs(score)) + 1.0)) if len(score) else 1.0
+    rule = "p_up - p_down" if fc_val.get("dir_p") is not None else "median / (q_hi - q_lo)"
+    best = {"threshold": never, "hold": 30, "sharpe": 0.0, "rule": rule, "fee_bps": bt_cfg.fee_bps,
+            "slippage_bps": bt_cfg.slippage_bps}
     for hold in (1, 30):
         for qlev in (0.5, 0.7, 0.8, 0.9, 0.95, 0.98):
             thr = float(np.quantile(np.abs(score), qlev))
             res = backtest_forecast(w, val, fc_val, thr, hold, bt_cfg)
             sh = res["total"].get("sharpe", 0.0)
             if sh > best["sharpe"]:
-                best = {"threshold": thr, "hold": hold, "sharpe": sh}
+                best.update({"threshold": thr, "hold": hold, "sharpe": sh})
     return best
 
 
@@ -340,7 +344,9 @@ def train(dataset, cfg: TrainConfig, settings=None, out_dir: str | Path | None =
         fc_test = predict(model, w, split.test)
         test_m = forecast_metrics(fc_test, w.targets(split.test), taus,
                                   {"rv_past": w.rv_past[split.test], "range_rel_past": w.range_rel_past[split.test]})
-    signal = tune_signal(fc_val, w, split.val) if not quick else {"threshold": float("inf"), "hold": 30}
+    signal = tune_signal(fc_val, w, split.val) if not quick else {
+        "threshold": 1.0, "hold": 30, "sharpe": 0.0, "rule": "p_up - p_down",
+        "note": "quick champion: no signal tuning (threshold 1 never trades)"}
     # ONNX export + parity
     next_version = _next_version(settings) if register else ""
     meta = contract_metadata(model.cfg, ds.registry_hash, settings.model_name, next_version,
