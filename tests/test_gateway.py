@@ -46,14 +46,16 @@ async def settle(gw: Gateway, timeout: float = 15.0) -> None:
                 timeout)
 
 
-def expected_events(sent: list[str]) -> dict[str, list[tuple[str, str]]]:
+def expected_events(sent: list[str], *, with_index: bool = False) -> dict[str, list[tuple]]:
     """Per symbol, the (raw topic, key) the gateway must publish for the data messages sent, in order,
-    derived from the raw JSON alone (trades deduplicated on id, funding when rate/next time change)."""
+    derived from the raw JSON alone (trades deduplicated on id, funding when rate/next time change);
+    ``with_index``: (raw topic, key, index of the message in ``sent``)."""
     out: dict[str, list] = defaultdict(list)
     seen_trades: set = set()
     funding: dict[str, tuple] = {}
     ticker: dict[str, dict] = {}
-    for text in sent:
+    for i, text in enumerate(sent):
+        n_before = {s: len(v) for s, v in out.items()}
         msg = json.loads(text)
         topic = msg["topic"]
         sym = topic.split(".")[-1]
@@ -74,6 +76,8 @@ def expected_events(sent: list[str]) -> dict[str, list[tuple[str, str]]]:
             if f[0] and funding.get(sym) != f:
                 funding[sym] = f
                 out[sym].append((RAW_TOPIC_OF["Funding"], f"rate={f[0]}"))
+        if with_index:
+            out[sym][n_before.get(sym, 0):] = [(*e, i) for e in out[sym][n_before.get(sym, 0):]]
     return out
 
 
