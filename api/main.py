@@ -27,6 +27,7 @@ mutating (bearer token TICKCAST_API_TOKEN; none configured = 503, wrong/missing 
   POST /feature-registry/reload       re-read and validate flows/features.yaml, compare hashes
 """
 import datetime as _dt
+import json
 import math
 import re
 import secrets
@@ -203,25 +204,31 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         return {"symbols": [{"symbol": s, "last_minute_ts": service.history[s].latest,
                              "feature_age_s": service.feature_age_s(s)} for s in symbols]}
 
+    feature_json: dict[tuple[str, str], tuple[dict, bytes]] = {}
+
     @app.get("/features/latest", response_model=S.FeatureVectorOut, responses={404: ERRORS[404]}, tags=["features"])
-    def features_latest(symbol: SymbolQ,
-                        cadence: Annotated[Literal["s1", "s3", "s15", "m1"], Query()] = "m1") -> dict:
+    async def features_latest(symbol: SymbolQ,
+                              cadence: Annotated[Literal["s1", "s3", "s15", "m1"], Query()] = "m1"):
         """The latest feature vector of ``symbol`` at ``cadence`` as received on features.live."""
         sym = known(symbol)
         got = service.latest_features.get((sym, cadence))
         if got is None:
             raise HTTPException(404, f"no {cadence} feature vector for {sym} received yet")
         rec, recv = got
-        out = {k: rec[k] for k in ("symbol", "venue", "cadence", "window_end", "registry_hash", "nulls", "book_valid",
-                                   "event_count", "last_gw_seq", "close_recv_ts", "emit_ts")}
-        out["values"] = {k: _fin(v) for k, v in rec["values"].items()}
-        out["age_s"] = time.time() - recv
-        return out
+        cached = feature_json.get((sym, cadence))
+        if cached is None or cached[0] is not rec:  # serialise each vector once, not per request
+            out = {k: rec[k] for k in ("symbol", "venue", "cadence", "window_end", "registry_hash", "nulls",
+                                       "book_valid", "event_count", "last_gw_seq", "close_recv_ts", "emit_ts")}
+            out["values"] = {k: _fin(v) for k, v in rec["values"].items()}
+            body = json.dumps(out, separators=(",", ":"), allow_nan=False).encode()
+            cached = feature_json[(sym, cadence)] = (rec, body[:-1])
+        age = f',"age_s":{time.time() - recv:.3f}}}'.encode()
+        return Response(cached[1] + age, media_type="application/json")
 
     # ------------------------------------------------------------------ predictions
     @app.get("/predictions/latest", response_model=S.PredictionLatestOut, responses={404: ERRORS[404]},
              tags=["predictions"])
-    def predictions_latest(symbol: SymbolQ) -> dict:
+    async def predictions_latest(symbol: SymbolQ) -> dict:
         """The latest minute's forecast and signal (status served, degraded or skipped with the reason)."""
         sym = known(symbol)
         lp = service.latest_prediction.get(sym)
@@ -406,8 +413,6 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
               tags=["datasets"], dependencies=[Depends(require_token)])
     def dataset_build(body: S.DatasetBuildIn) -> dict:
         """Build a dataset (kline or feature rows + targets) in a child process; poll GET /dataset/build/{id}."""
-        import json
-
         mod, err = _datasets_module()
         if mod is None:
             raise HTTPException(503, err)

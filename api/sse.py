@@ -165,10 +165,19 @@ class EventHub:
                 info["gap"] = True
                 info["note"] = "events between Last-Event-ID and the oldest buffered event are no longer buffered"
             yield encode("heartbeat", json.dumps(info, separators=(",", ":")))
-            while not sub.dropped:
+            closing = False
+            while not sub.dropped and not closing:
                 ev = await sub.queue.get()
                 if ev is _CLOSE:
                     break
-                yield ev.raw
+                # everything already queued goes out in one write (a minute's batch is one send per client)
+                chunks = [ev.raw]
+                while not sub.queue.empty():
+                    nxt = sub.queue.get_nowait()
+                    if nxt is _CLOSE:
+                        closing = True
+                        break
+                    chunks.append(nxt.raw)
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
         finally:
             self.unsubscribe(sub)

@@ -42,9 +42,31 @@ class MinuteObs:
     book_valid: bool
     nulls: dict[str, str]
     emit_ts: int
+    _vectors: dict = field(default_factory=dict, compare=False, repr=False)
 
     def value(self, name: str) -> float | None:
         return finite(self.values.get(name))
+
+    def vector(self, variates: tuple[str, ...]) -> np.ndarray:
+        """The values of ``variates`` as float64 (NaN where null or non-finite), computed once per model."""
+        vec = self._vectors.get(variates)
+        if vec is None:
+            vals = self.values
+            vec = np.array([_num(vals.get(n)) for n in variates], dtype=np.float64)
+            vec[~np.isfinite(vec)] = np.nan
+            if len(self._vectors) > 4:  # models come and go: keep the last few layouts
+                self._vectors.clear()
+            self._vectors[variates] = vec
+        return vec
+
+
+def _num(v) -> float:
+    if v is None or isinstance(v, bool):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass
@@ -62,6 +84,8 @@ class SymbolHistory:
         self._rows: dict[int, MinuteObs] = {}
         self._minutes: list[int] = []  # sorted
         self._lock = threading.Lock()  # add() vs snapshot() from request threads
+        self._epoch = 0  # bumped when a past minute changes (a late vector): invalidates the matrix cache
+        self._mcache: tuple | None = None
 
     def __len__(self) -> int:
         return len(self._minutes)
@@ -99,6 +123,7 @@ class SymbolHistory:
                 return AddResult("duplicate")  # older than everything kept: nothing to learn
             insort(self._minutes, m)
             self._rows[m] = obs
+            self._epoch += 1
             self._trim()
             return AddResult("late")
         gap = 0 if latest is None else (m - latest) // MINUTE_MS - 1
@@ -118,6 +143,29 @@ class SymbolHistory:
         if n <= 0:
             return []
         return [self._rows.get(start + i * MINUTE_MS) for i in range(n)]
+
+    def matrix(self, t: int, variates: tuple[str, ...], lookback: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values [lookback, n] with NaN for nulls and missing minutes, present-minute mask) of the
+        window ending at minute t. Minute after minute, only the new row is computed."""
+        key = (variates, lookback)
+        c = self._mcache
+        if c is not None and c[0] == key and c[4] == self._epoch:
+            if t == c[1]:
+                return c[2].copy(), c[3].copy()
+            if t == c[1] + MINUTE_MS:
+                r = self._rows.get(t)
+                row = r.vector(variates) if r is not None else np.full(len(variates), np.nan)
+                m = np.vstack([c[2][1:], row[None, :]])
+                present = np.append(c[3][1:], r is not None)
+                self._mcache = (key, t, m, present, self._epoch)
+                return m.copy(), present.copy()
+        rows = self.rows(t - (lookback - 1) * MINUTE_MS, t)
+        blank = np.full(len(variates), np.nan)
+        m = np.array([r.vector(variates) if r is not None else blank for r in rows], dtype=np.float64)
+        m = m.reshape(lookback, len(variates))
+        present = np.array([r is not None for r in rows], dtype=bool)
+        self._mcache = (key, t, m, present, self._epoch)
+        return m.copy(), present.copy()
 
     def series(self, name: str, start: int, end: int) -> np.ndarray:
         out = np.full((end - start) // MINUTE_MS + 1, np.nan)
@@ -152,36 +200,29 @@ def assemble_window(history: SymbolHistory, t: int, variates: tuple[str, ...] | 
                     max_missing_frac: float = 0.25, close_name: str = "close",
                     model_registry_hash: str = "") -> InputWindow:
     """The model input for minute t (see the module doc for the fill and degrade rules)."""
-    rows = history.rows(t - (lookback - 1) * MINUTE_MS, t)
-    last = rows[-1] if rows else None
+    last = history.get(t)
     if last is None:
         return InputWindow(None, reasons=[f"no m1 feature vector for minute {t}"])
     close = last.value(close_name)
     if close is None or close <= 0:
         return InputWindow(None, reasons=[f"no valid {close_name} for minute t (needed to turn returns into prices)"])
-    missing_rows = sum(1 for r in rows if r is None)
+    variates = tuple(variates)
+    x, present = history.matrix(t, variates, lookback)
+    missing_rows = int(lookback - present.sum())
     if missing_rows > max_missing_frac * lookback:
         have = lookback - missing_rows
         return InputWindow(None, last_close=close, reasons=[
             f"only {have} of the {lookback} lookback minutes have feature vectors "
             f"(at least {math.ceil((1 - max_missing_frac) * lookback)} needed)"])
-    n = len(variates)
-    x = np.full((lookback, n), np.nan, dtype=np.float64)
-    for i, r in enumerate(rows):
-        if r is None:
-            continue
-        vals = r.values
-        for j, name in enumerate(variates):
-            v = vals.get(name)
-            if v is not None:
-                x[i, j] = v  # non-finite stays NaN and is filled below
     reasons: list[str] = []
     if missing_rows:
         reasons.append(f"{missing_rows} of {lookback} lookback minutes missing (filled from neighbours)")
-    present = np.array([r is not None for r in rows])
     absent: list[str] = []
     filled: list[str] = []
+    complete = np.isfinite(x).all(axis=0)
     for j, name in enumerate(variates):
+        if complete[j]:
+            continue
         col = x[:, j]
         ok = np.isfinite(col)
         if ok.all():
