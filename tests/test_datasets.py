@@ -273,3 +273,35 @@ def test_a_month_of_real_bybit_klines(shared_real, tmp_path):
     assert m["rows"] == 2 * 7 * 1440 and m["rows_with_targets"] == m["rows"] - 2 * 30
     df = load_dataset(m["dataset_id"], tmp_path)
     assert df[list(KLINE_VARIATES)[:-1]].notna().all().all()
+
+
+def test_features_dataset_from_the_replay(tmp_path):
+    """kind=features: the m1 vectors of the replay of the archive, joined with the candles' targets."""
+    from flows.engine import new_engine
+    from flows.registry import load_registry
+    from tests.synth import T0, SynthStream
+    from tests.test_replay import archive_events
+
+    lake = Lake(str(tmp_path / "lake"))
+    events = SynthStream("BTCUSDT", seed=4).run(300)
+    archive_events(lake, events, batch=5000)
+    lo, hi = T0 + 2 * M, T0 + 5 * M
+    s = DatasetSpec.from_dict({"symbols": ["BTCUSDT"], "from": lo, "to": hi, "kind": "features", "horizon": 1})
+    m = build_dataset(s, lake=lake, data_dir=tmp_path, publish=False)
+    df = load_dataset(m["dataset_id"], tmp_path, as_="arrow")
+    reg = load_registry()
+    assert m["kind"] == "features" and m["registry_hash"] == reg.hash
+    assert m["feature_columns"] == reg.names("m1")
+    assert df.column("ts").to_pylist() == [lo, lo + M, lo + 2 * M]
+    ref = {r["window_end"]: r for k, r in new_engine("BTCUSDT").process(events) if k == "features" and r["cadence"] == "m1"}
+    for i, ts in enumerate(df.column("ts").to_pylist()):
+        vec = ref[ts + M]["values"]
+        for name in reg.names("m1"):
+            got = df.column(name)[i].as_py()
+            assert (got is None and vec[name] is None) or got == vec[name], (ts, name)
+    # targets from the confirmed candles the stream carried (horizon 1: the next minute's return)
+    kl = {r["start_ts"]: float(r["close"]) for n, r in events if n == "Kline"}
+    y = df.column("y_ret_1m").to_pylist()
+    assert y[0] == math.log(kl[lo + M]) - math.log(kl[lo]) and y[0] != 0
+    assert y[-1] is None  # its future is outside the period
+    assert set(m["raw_table_versions"]) >= {"raw_orderbook_deltas", "raw_trades", "raw_kline"}
