@@ -228,12 +228,16 @@ class BronzeWriter:
     def __init__(self, lake: Lake):
         self.lake = lake
         self._committed: dict[tuple[str, str, int], int | None] = {}
+        self._tables: dict[str, Any] = {}
         self.counts = {"rows": 0, "skipped_duplicates": 0, "commits": 0, "dead_letters": 0}
 
     def _committed_offset(self, table: str, topic: str, part: int) -> int | None:
         key = (table, topic, part)
         if key not in self._committed:
-            self._committed[key] = self.lake.committed_offset(table, topic, part)
+            if table not in self._tables:  # load each table once; afterwards our own commits update the cache
+                self._tables[table] = self.lake.table(table)
+            dt = self._tables[table]
+            self._committed[key] = None if dt is None else self.lake.committed_offset(table, topic, part, dt=dt)
         return self._committed[key]
 
     def write(self, items: list[tuple[str, dict]]) -> dict[str, int]:

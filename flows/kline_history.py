@@ -354,7 +354,8 @@ def _import(lake: Lake, table: str, records: Iterable[dict | BadRow], *, source:
                 rep.first_ts = k if rep.first_ts is None else min(rep.first_ts, k)
                 rep.last_ts = k if rep.last_ts is None else max(rep.last_ts, k)
         if rows:
-            rep.version = lake.append(table, rows_to_arrow(t, rows))
+            lake.append(table, rows_to_arrow(t, rows))
+            rep.version = lake.table(table).version()
             rep.inserted += len(rows)
 
     good: list[dict] = []

@@ -279,9 +279,9 @@ class Lake:
         return dt.transaction_version(kafka_app_id(topic, partition))
 
     def append(self, table: str, data: pa.Table, *, offsets: dict[tuple[str, int], int] | None = None,
-               metadata: dict[str, Any] | None = None) -> int:
+               metadata: dict[str, Any] | None = None) -> None:
         """Append rows in one Delta commit; ``offsets`` (topic, partition) -> highest offset
-        included become the commit's application transactions. Returns the new version."""
+        included become the commit's application transactions."""
         from deltalake import CommitProperties, Transaction, write_deltalake
 
         txns = [Transaction(kafka_app_id(t, p), int(o)) for (t, p), o in sorted((offsets or {}).items())]
@@ -290,7 +290,6 @@ class Lake:
                                  max_commit_retries=50)
         write_deltalake(self.uri(table), data, partition_by=PARTITION_BY, mode="append",
                         storage_options=self._opts, commit_properties=props)
-        return self.table(table).version()
 
     def dataset(self, table: str, version: int | None = None):
         """A pyarrow dataset of the table (None when it does not exist)."""
