@@ -62,15 +62,19 @@ class Params:
     levels: int = 1200       # resting levels kept per side (orderbook.1000 stays full)
     fill_p: float = 0.75     # probability that a tick among the top few is occupied
     spread_ticks: int = 1    # target spread in ticks
+    minute_volume_lots: float | None = None  # mean 1-minute volume of the live model (calibrates history)
 
 
 DEFAULT_PARAMS: dict[str, Params] = {
-    "BTCUSDT": Params("65114.30", 0.00030, level_lots=60, taker_rate=3.0, taker_lots=12, oi_lots=59_891_732),
-    "ETHUSDT": Params("1922.50", 0.00045, level_lots=220, taker_rate=2.5, taker_lots=30, oi_lots=83_009_066),
-    "LTCUSDT": Params("68.50", 0.00060, level_lots=160, taker_rate=0.9, taker_lots=20, oi_lots=52_312_40,
-                      spread_ticks=1),
+    # minute_volume_lots: measured mean of the live model (4 seeds x 10 min), so history and live agree
+    "BTCUSDT": Params("65114.30", 0.00030, level_lots=60, taker_rate=3.0, taker_lots=12, oi_lots=59_891_732,
+                      minute_volume_lots=21_600),
+    "ETHUSDT": Params("1922.50", 0.00045, level_lots=220, taker_rate=2.5, taker_lots=30, oi_lots=83_009_066,
+                      minute_volume_lots=48_000),
+    "LTCUSDT": Params("68.50", 0.00060, level_lots=160, taker_rate=0.9, taker_lots=20, oi_lots=5_231_240,
+                      minute_volume_lots=6_900),
     "POLUSDT": Params("0.18500", 0.00080, level_lots=9000, taker_rate=0.7, taker_lots=1800,
-                      oi_lots=321_540_000),
+                      oi_lots=321_540_000, minute_volume_lots=410_000),
 }
 
 
@@ -250,7 +254,7 @@ class SymbolSim:
         self.logp = math.log(start_ticks * tick)
         self.var_bar = params.vol_1m ** 2 / 60.0           # per-second variance
         self.var = self.var_bar
-        self.garch = (0.04, 0.95)
+        self.garch = (0.10, 0.89)  # per-second GARCH(1,1): volatility clusters over minutes
         self.acc_r = 0.0
         self.seq = rng.randrange(10 ** 11, 9 * 10 ** 11)
         self.cts = start_ms
@@ -264,7 +268,7 @@ class SymbolSim:
         self._vl: list[BookView] = []
         self._init_book(start_ticks)
         # candles and history
-        self.minute_volume = max(1.0, params.taker_rate * 60 * params.taker_lots * 2.2)
+        self.minute_volume = params.minute_volume_lots or max(1.0, params.taker_rate * 60 * params.taker_lots * 9)
         self.history = History(inst, params, seed, start_ms - start_ms % MINUTE, max(history_days, 1.0), start_ticks,
                                self.minute_volume)
         self.candles: dict[int, Candle] = {}
