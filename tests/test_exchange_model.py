@@ -3,6 +3,7 @@ the server streaming exactly what the model produces headless."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import statistics
@@ -68,7 +69,7 @@ def test_volatility_clusters_in_history_and_live():
     for k in range(300):
         m.advance(START + (k + 1) * 1000)
         mids.append((sim.best_bid() + sim.best_ask()) / 2)
-    a = [abs(math.log(y / x)) for x, y in zip(mids, mids[1:], strict=False)]
+    a = [abs(math.log(y / x)) for x, y in itertools.pairwise(mids)]
     assert statistics.fmean(acf(a, k) for k in range(1, 11)) > 0.05  # 1 s volatility clusters too
 
 

@@ -21,6 +21,7 @@ import asyncio
 import json
 import random
 import re
+import struct
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
+from websockets.protocol import State
 
 from connectors.exchange import protocol as P
 from connectors.exchange.drivers import Driver, ModelDriver
@@ -46,8 +48,24 @@ BYBIT_PATHS = {"/v5/public/linear": "linear", "/v5/public/spot": "spot"}
 MEMPOOL_PATHS = {"/api/v1/ws": "BTC", "/ltc/api/v1/ws": "LTC"}
 HIGH_WATER = 20_000     # queued messages per connection before the driver waits
 LOW_WATER = 5_000
+WRITE_BATCH_BYTES = 256 * 1024
 FAULT_KINDS = ("drop", "gap", "duplicate", "reorder", "restart", "malformed", "stall", "flood")
 _U = re.compile(r'"u":(\d+)')
+
+
+def _frame(text: str) -> bytes:
+    """One unmasked, unfragmented RFC 6455 text frame (server to client)."""
+    b = text.encode()
+    n = len(b)
+    if n < 126:
+        return bytes((0x81, n)) + b
+    if n < 65536:
+        return _H16.pack(0x81, 126, n) + b
+    return _H64.pack(0x81, 127, n) + b
+
+
+_H16 = struct.Struct("!BBH")
+_H64 = struct.Struct("!BBQ")
 
 
 class Sent(NamedTuple):
@@ -200,9 +218,14 @@ class Conn:
         return out.text[:m.start()] + f'"u":{int(m.group(1)) - off}' + out.text[m.end():]
 
     async def run_writer(self) -> None:
+        """Send the queue in order. Without extensions (the server negotiates no compression) frames are
+        written in batches: RFC 6455 server text frames (unmasked), several per socket write; the
+        websockets protocol object still owns the connection (handshake, pings, close)."""
         loop = asyncio.get_running_loop()
         q = self.q
-        send = self.ws.send
+        ws = self.ws
+        proto = ws.protocol
+        raw = not proto.extensions
         log_sent = self.ex.log_sent
         sent = self.sent
         try:
@@ -217,14 +240,30 @@ class Conn:
                         await asyncio.sleep(wait)
                         continue
                     self.stall_until = 0.0
-                text, topic, kind, fault = q.popleft()
-                await send(text)
+                if proto.state is not State.OPEN:
+                    break
+                if raw:
+                    batch = []
+                    size = 0
+                    while q and size < WRITE_BATCH_BYTES:
+                        item = q.popleft()
+                        batch.append(item)
+                        size += len(item[0])
+                    ws.transport.write(b"".join([_frame(item[0]) for item in batch]))
+                    await ws.drain()
+                else:
+                    batch = [q.popleft()]
+                    await ws.send(batch[0][0])
                 if log_sent:
-                    sent.append(Sent(self.n, topic, kind, fault, text, time.time()))
-                self.n += 1
+                    now = time.time()
+                    n = self.n
+                    for text, topic, kind, fault in batch:
+                        sent.append(Sent(n, topic, kind, fault, text, now))
+                        n += 1
+                self.n += len(batch)
                 if len(q) < LOW_WATER:
                     self.drained.set()
-        except ConnectionClosed:
+        except (ConnectionClosed, ConnectionError):
             pass
         finally:
             self.closed = True
