@@ -109,3 +109,29 @@ def test_port_in_use_is_a_clear_error():
         else:
             second.stop()
             raise AssertionError("a second broker on a busy port must fail")
+
+
+def test_a_partition_with_thousands_of_batches_stays_readable():
+    """tansu lists every stored batch of a partition on each fetch and answers empty when that
+    outlasts the fetch's max wait: our consumer settings must keep long partitions readable."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from tickcast.topics import TopicSpec
+
+    with EmbeddedBroker(topics=(TopicSpec("long", ("x",), partitions=1),)) as b:
+        producer = Producer(producer_config(b.bootstrap, **{"linger.ms": 0}))
+        for i in range(6000):  # one batch each
+            producer.produce("long", value=b"%d" % i, partition=0)
+            producer.flush(10)
+        consumer = Consumer(consumer_config(b.bootstrap, "long-reader"))
+        for start in (OFFSET_BEGINNING, 5990):
+            consumer.assign([TopicPartition("long", 0, start)])
+            got = None
+            deadline = time.monotonic() + 10
+            while got is None and time.monotonic() < deadline:
+                for m in consumer.consume(10, 0.1):
+                    if not m.error():
+                        got = m.offset()
+                        break
+            assert got == (0 if start == OFFSET_BEGINNING else 5990)
+        consumer.close()
