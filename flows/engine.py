@@ -367,6 +367,8 @@ class SymbolEngine:
         self._init_history()
         self.last_resync: int | None = None
         self.stale_since: int | None = None
+        self.first_live_m1: int | None = None  # window_end of the first m1 vector of the live stream
+        self.last_history_m1: int | None = None  # newest history m1 vector emitted
         self.counters: dict[str, int] = {}
 
     # registry handling; the compiled registry is not pickled with the state (Bytewax snapshots)
@@ -462,8 +464,10 @@ class SymbolEngine:
             self.ticker = {**self.ticker, "funding_rate": rec["funding_rate"],
                            "next_funding_time": rec["next_funding_time"] or self.ticker.get("next_funding_time")}
         elif name == "Kline":
-            if rec["confirm"] and rec["interval"] == "1" and self.candles.kline(rec):
-                self.count("kline_mismatch")
+            if rec["confirm"] and rec["interval"] == "1":
+                if self.candles.kline(rec):
+                    self.count("kline_mismatch")
+                self._history_vector(rec, out)
         elif name == "MempoolStats":
             self.mempool.add(rec)
         elif name == "NewsItem":
@@ -588,6 +592,40 @@ class SymbolEngine:
             if end % period == 0 and self._plan[cadence]:
                 ctx = ctx or WindowContext(self, end)
                 out.append(("features", self._vector(ctx, cadence, period, rec)))
+                if cadence == "m1" and self.first_live_m1 is None:
+                    self.first_live_m1 = end
+
+    def _history_vector(self, rec: dict, out: list) -> None:
+        """A confirmed 1-minute kline of a minute before the live stream began (the gateway
+        publishes recent history at start): an m1 vector of that minute from the candles alone,
+        so consumers that need a lookback (the model) have one from the first live minute on.
+        Only candle variates and the clock are computed; everything else is null with the reason."""
+        end = rec["start_ts"] + MINUTE_MS
+        if self.first_live_m1 is not None and end >= self.first_live_m1:
+            return  # a live minute: its vector is (or will be) the regular one
+        if self.tile is not None and end > self.tile.start - self.tile.start % MINUTE_MS:
+            return  # the minute is not over in the stream's own time
+        if self.last_history_m1 is not None and end <= self.last_history_m1:
+            return  # already emitted (history re-published after a reconnect)
+        self.last_history_m1 = end
+        self.count("history_vectors")
+        ctx = WindowContext.__new__(WindowContext)
+        ctx.engine, ctx.window_end, ctx.cadence, ctx.values = self, end, "m1", {}
+        ctx._aggs, ctx._candles, ctx._news, ctx.tiles, ctx.book = {}, None, None, (), None
+        values: dict[str, float | None] = {}
+        nulls: dict[str, str] = {}
+        for name, fn, spec in self._plan["m1"]:
+            v = fn(ctx, spec) if spec.kind in ("candle", "time_of_day") else Missing(
+                "history minute (before the live stream): candle variates only")
+            if isinstance(v, Missing) or not _isfinite(v):
+                values[name] = None
+                nulls[name] = str(v) if isinstance(v, Missing) else f"not finite ({v})"
+            else:
+                values[name] = float(v)
+        out.append(("features", {
+            "symbol": self.symbol, "venue": self.venue, "cadence": "m1", "window_end": end,
+            "registry_hash": self.registry_hash, "values": values, "nulls": nulls, "book_valid": False,
+            "event_count": 0, "last_gw_seq": rec["gw_seq"], "close_recv_ts": rec["recv_ts"], "emit_ts": 0}))
 
     def _vector(self, ctx: WindowContext, cadence: str, period: int, rec: dict) -> dict:
         ctx.cadence = cadence

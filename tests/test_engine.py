@@ -280,3 +280,37 @@ def test_bad_trade_values_are_counted_not_fatal():
 def test_engine_from_explicit_registry_object():
     eng = SymbolEngine("ETHUSDT", load_registry())
     assert eng.symbol == "ETHUSDT" and eng.process([]) == []
+
+
+def test_history_klines_give_history_vectors_and_warm_candle_variates():
+    """At start the gateway publishes recent confirmed klines: the engine emits one m1 vector per
+    past minute (candle variates only) and its live m1 vectors have full candle history at once."""
+    import math
+
+    s = SynthStream(seed=9)
+    start = s.ts
+    rng = random.Random(1)
+    price = 65000.0
+    for k in range(70, 0, -1):  # 70 closed minutes before the stream, oldest first
+        m = start - k * 60_000
+        o = price
+        price *= math.exp(rng.gauss(0, 0.001))
+        rec = s._base(start)
+        rec.update(interval="1", start_ts=m, end_ts=m + 59_999, open=f"{o:.1f}", high=f"{max(o, price) + 5:.1f}",
+                   low=f"{min(o, price) - 5:.1f}", close=f"{price:.1f}", volume="12.5", turnover="0", confirm=True)
+        s.emit("Kline", rec)
+    s.run(65)
+    out, eng = run(s.out)
+    m1 = features(out, "m1")
+    history = [r for r in m1 if r["window_end"] <= start]
+    live = [r for r in m1 if r["window_end"] > start]
+    assert [r["window_end"] for r in history] == [start - k * 60_000 for k in range(69, -1, -1)]
+    assert eng.counters["history_vectors"] == 70
+    last = history[-1]
+    assert last["values"]["rv_60m"] is not None and last["values"]["close"] == float(f"{price:.1f}")
+    assert last["values"]["mid_price"] is None and "history minute" in last["nulls"]["mid_price"]
+    assert history[0]["values"]["rv_15m"] is None  # not enough candles yet for the oldest minute
+    assert live and live[0]["values"]["rv_60m"] is not None  # warm from the first live minute
+    # re-published history (a reconnect) emits nothing new
+    again = eng.process([("Kline", dict(s.out[5][1], gw_seq=s.seq))])
+    assert not features(again)
