@@ -535,3 +535,24 @@ def test_cli_serves_and_prints_its_urls(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_threaded_exchange_for_synchronous_callers():
+    from websockets.sync.client import connect as sync_connect
+
+    from connectors.exchange import ThreadedExchange
+
+    with ThreadedExchange(model(duration_s=1.0), instruments=GEN, mempool=False) as ex:
+        with sync_connect(ex.ws_url) as ws:
+            ws.send('{"op":"subscribe","args":["orderbook.50.ETHUSDT"],"req_id":"t"}')
+            cid = json.loads(ws.recv())["conn_id"]
+            ex.wait_subscribed(["orderbook.50.ETHUSDT"])
+            ex.start_driver()
+            ex.wait_done()
+            got = []
+            while len(got) + 1 < len(ex.sent_log[cid]):
+                got.append(ws.recv(timeout=5))
+            rec = ex.inject("drop", conn_id=cid)
+            assert rec["conn_ids"] == [cid]
+        assert got == [r.text for r in ex.sent_data(cid)] and len(got) > 20
+        assert httpx.get(ex.base_url + "/v5/market/tickers", params={"category": "linear"}).json()["retCode"] == 0

@@ -38,7 +38,8 @@ def exchange(
     speed: float = typer.Option(1.0, help="1 = real time (Bybit's cadence), 10 = ten times faster, "
                                           "0 = as fast as possible"),
     seed: int = typer.Option(1, help="model seed: the same seed and start give the same messages"),
-    start_ms: int = typer.Option(None, help="model start time in ms (default: now, floored to the minute)"),
+    start_ms: int = typer.Option(None, help="model start time in ms (default: now; the clock then follows "
+                                            "the wall clock at speed 1)"),
     duration_s: float = typer.Option(None, help="stop the model after this much exchange time"),
     history_days: float = typer.Option(30.0, help="days of 1-minute kline history before the start (REST)"),
     price: list[str] = typer.Option(None, help="start price of a non-MVP symbol: SYMBOL=PRICE (repeatable)"),  # noqa: B008

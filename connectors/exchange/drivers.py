@@ -95,15 +95,16 @@ class Driver:
         return self.instruments is not None and self.instruments.get(symbol, category) is not None
 
 
-def _now_floor_minute() -> int:
+def _now_ms10() -> int:
     now = int(time.time() * 1000)
-    return now - now % MINUTE
+    return now - now % STEP
 
 
 class ModelDriver(Driver):
     """The seeded market model (linear) at Bybit's cadence, ``speed`` times real time (0: flat out).
 
-    ``start_ms`` is the virtual start (default: now, floored to the minute); ``duration_s`` stops the
+    ``start_ms`` is the virtual start (default: now, and at speed 1 the exchange clock then follows the
+    wall clock, so exchange timestamps are real ones); ``duration_s`` stops the
     model after that much virtual time (benchmarks, determinism tests); ``history_days`` of 1-minute
     history precede the start on the REST kline endpoint.
     """
@@ -117,7 +118,8 @@ class ModelDriver(Driver):
         super().__init__(speed, autostart)
         self.symbols = list(symbols or MVP)
         self.seed = seed
-        self.start_ms = _now_floor_minute() if start_ms is None else int(start_ms)
+        self.live_clock = start_ms is None
+        self.start_ms = _now_ms10() if start_ms is None else int(start_ms)
         self.history_days = history_days
         self.duration_s = duration_s
         self.params = params
@@ -143,6 +145,8 @@ class ModelDriver(Driver):
         m = self.model
         loop = asyncio.get_running_loop()
         wall0 = loop.time()
+        if self.live_clock and self.speed > 0:  # catch up the start-up time: exchange time = wall time
+            wall0 -= max(0.0, time.time() * 1000 - self.start_ms) / 1000 / self.speed
         end = None if self.duration_s is None else self.start_ms + int(self.duration_s * 1000)
         publish = self.server.publish
         while True:
