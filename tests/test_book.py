@@ -105,7 +105,7 @@ def test_matches_a_decimal_reference(ops):
     for is_bid, px, sz in ops:
         p = Decimal(px)
         side = "bid" if is_bid else "ask"
-        if (is_bid and p >= 51) or (not is_bid and p <= 50):
+        if (is_bid and p > 50) or (not is_bid and p < 51):
             continue  # keep it uncrossed
         u += 1
         levels = [(px, sz)]
