@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "api.cli",  # serve (the prediction service: FastAPI + inference loop)
     "connectors.exchange.cli",  # exchange (the local Bybit/mempool exchange), exchange-record
     "model.cli",  # train, evaluate, model (list, champion, promote, rollback, log, quick-champion)
+    "ui.cli",  # ui (the Panel dashboard)
 ]
 
 for _name in COMMAND_MODULES:
