@@ -199,6 +199,9 @@ def main() -> int:
         eps = rep["events"] / rep["wall_s"]
         print(f"replay: {rep['events']:,} events in {rep['wall_s']:.1f} s (cpu {rep['cpu_s']:.1f} s, "
               f"{rep['events'] / rep['cpu_s']:,.0f} events per cpu-second), vectors {rep['vectors']}")
+        import resource
+
+        print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         print(f"machine load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
               "(wall-clock rates fall when other work shares the cores)")
         print(f"RESULT events_per_s={eps:.0f}")

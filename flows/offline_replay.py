@@ -10,9 +10,11 @@ Parquet sink of the FeatureVector records. The replay starts early enough to rep
 event past ``--to`` + ``--tail`` so the period's last windows close; only windows ending in
 (from, to] are written.
 
-Output (``--out``): ``vectors/cadence=<c>/<symbol>-<n>.parquet`` with the FeatureVector fields except
-``emit_ts`` (wall time, not part of parity) and ``replay.json`` (period, symbols, table versions,
-registry hash, counts, events/s). ``replay_vectors`` gives the 1-minute vectors per symbol as wide
+Output (``--out``): ``vectors/cadence=<c>/<symbol>-<n>.parquet``, one row per FeatureVector: its
+fields except ``emit_ts`` (wall time, not part of parity), ``values`` as one float64 column
+``f.<feature>`` per feature of the cadence (null = null) and ``nulls`` as JSON; ``iter_vectors`` gives
+the records back exactly. ``replay.json``: period, symbols, table versions, registry hash, counts,
+events/s. ``replay_vectors`` gives the 1-minute vectors per symbol as wide
 tables for the dataset builder.
 """
 from __future__ import annotations
@@ -35,38 +37,69 @@ from tickcast.logs import get_logger
 
 log = get_logger("replay")
 
-VECTOR_SCHEMA = pa.schema([
-    ("symbol", pa.string()), ("venue", pa.string()), ("cadence", pa.string()), ("window_end", pa.int64()),
-    ("registry_hash", pa.string()), ("values", pa.map_(pa.string(), pa.float64())),
-    ("nulls", pa.map_(pa.string(), pa.string())), ("book_valid", pa.bool_()), ("event_count", pa.int64()),
-    ("last_gw_seq", pa.int64()), ("close_recv_ts", pa.int64()),
-])
+META_COLUMNS = [("symbol", pa.string()), ("venue", pa.string()), ("cadence", pa.string()),
+                ("window_end", pa.int64()), ("registry_hash", pa.string()), ("book_valid", pa.bool_()),
+                ("event_count", pa.int64()), ("last_gw_seq", pa.int64()), ("close_recv_ts", pa.int64()),
+                ("nulls", pa.string())]
+FEATURE_PREFIX = "f."  # one float64 column per feature of the cadence, in the record's key order
 DEFAULT_TAIL_MS = 60_000
+_META = [m for m, _ in META_COLUMNS if m != "nulls"]
 
 
-def vector_row(rec: dict) -> dict:
-    return {"symbol": rec["symbol"], "venue": rec["venue"], "cadence": rec["cadence"], "window_end": rec["window_end"],
-            "registry_hash": rec["registry_hash"], "values": list(rec["values"].items()),
-            "nulls": list(rec["nulls"].items()), "book_valid": rec["book_valid"], "event_count": rec["event_count"],
-            "last_gw_seq": rec["last_gw_seq"], "close_recv_ts": rec["close_recv_ts"]}
+class _Part:
+    """Column buffers of one (cadence, symbol) part; the feature names of its first vector fix the
+    columns (a vector with other names starts a new part)."""
+
+    __slots__ = ("names", "meta", "values", "nulls", "n")
+
+    def __init__(self, names: tuple):
+        self.names = names
+        self.meta = {m: [] for m in _META}
+        self.values = [[] for _ in names]
+        self.nulls: list[str] = []
+        self.n = 0
+
+    def add(self, rec: dict) -> None:
+        for m in _META:
+            self.meta[m].append(rec[m])
+        for col, v in zip(self.values, rec["values"].values()):
+            col.append(v)
+        self.nulls.append(json.dumps(rec["nulls"], separators=(",", ":")) if rec["nulls"] else "{}")
+        self.n += 1
+
+    def table(self) -> pa.Table:
+        cols = {m: pa.array(self.meta[m], t) for m, t in META_COLUMNS if m != "nulls"}
+        cols["nulls"] = pa.array(self.nulls, pa.string())
+        for name, col in zip(self.names, self.values):
+            cols[FEATURE_PREFIX + name] = pa.array(col, pa.float64())
+        return pa.table(cols)
 
 
-def row_vector(row: dict) -> dict:
-    """The FeatureVector record (without emit_ts) of an output row."""
-    out = dict(row)
-    out["values"] = dict(row["values"])
-    out["nulls"] = dict(row["nulls"])
+def table_vectors(t: pa.Table) -> list[dict]:
+    """FeatureVector records (without emit_ts) of a vectors table (one cadence)."""
+    feats = [c for c in t.column_names if c.startswith(FEATURE_PREFIX)]
+    names = [c[len(FEATURE_PREFIX):] for c in feats]
+    meta = {m: t.column(m).to_pylist() for m in _META}
+    nulls = t.column("nulls").to_pylist()
+    vals = [t.column(c).to_pylist() for c in feats]
+    out = []
+    for i in range(t.num_rows):
+        rec = {m: meta[m][i] for m in _META}
+        rec["values"] = dict(zip(names, (col[i] for col in vals)))
+        rec["nulls"] = json.loads(nulls[i])
+        out.append(rec)
     return out
 
 
 class VectorWriter:
-    """Buffers feature vectors per (cadence, symbol) and writes Parquet parts of ``flush_rows`` rows."""
+    """Buffers feature vectors per (cadence, symbol), column-wise, and writes Parquet parts of
+    ``flush_rows`` rows: ``vectors/cadence=<c>/<symbol>-<n>.parquet``."""
 
-    def __init__(self, out: Path, from_ms: int, to_ms: int, flush_rows: int = 20_000):
+    def __init__(self, out: Path, from_ms: int, to_ms: int, flush_rows: int = 5_000):
         self.out = Path(out)
         self.from_ms, self.to_ms = from_ms, to_ms
         self.flush_rows = flush_rows
-        self.buf: dict[tuple[str, str], list[dict]] = {}
+        self.buf: dict[tuple[str, str], _Part] = {}
         self.parts: dict[tuple[str, str], int] = {}
         self.counts: dict[str, int] = {}
         self.dropped_outside = 0
@@ -76,23 +109,28 @@ class VectorWriter:
             self.dropped_outside += 1
             return
         key = (rec["cadence"], rec["symbol"])
-        b = self.buf.setdefault(key, [])
-        b.append(vector_row(rec))
+        part = self.buf.get(key)
+        names = tuple(rec["values"])
+        if part is not None and part.names != names:
+            self._write(key)
+            part = None
+        if part is None:
+            part = self.buf[key] = _Part(names)
+        part.add(rec)
         self.counts[rec["cadence"]] = self.counts.get(rec["cadence"], 0) + 1
-        if len(b) >= self.flush_rows:
+        if part.n >= self.flush_rows:
             self._write(key)
 
     def _write(self, key: tuple[str, str]) -> None:
-        rows = self.buf.pop(key, [])
-        if not rows:
+        part = self.buf.pop(key, None)
+        if part is None or part.n == 0:
             return
         cadence, symbol = key
         n = self.parts.get(key, 0)
         self.parts[key] = n + 1
         d = self.out / "vectors" / f"cadence={cadence}"
         d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=VECTOR_SCHEMA), d / f"{symbol}-{n:05d}.parquet",
-                       compression="zstd")
+        pq.write_table(part.table(), d / f"{symbol}-{n:05d}.parquet", compression="zstd")
 
     def close(self) -> None:
         for key in list(self.buf):
@@ -187,27 +225,39 @@ def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: st
     return report
 
 
-def read_vectors(out: str | Path, cadence: str | None = None, symbols: Sequence[str] | None = None) -> pa.Table:
-    """The vectors a replay wrote (optionally one cadence / some symbols), sorted by symbol, cadence, window_end."""
+def _part_files(out: str | Path, cadence: str | None, symbols: Sequence[str] | None) -> list[Path]:
     base = Path(out) / "vectors"
     files = sorted(base.glob(f"cadence={cadence}/*.parquet" if cadence else "cadence=*/*.parquet"))
     if symbols is not None:
         files = [f for f in files if f.name.rsplit("-", 1)[0] in set(symbols)]
+    return files
+
+
+def read_vectors(out: str | Path, cadence: str, symbols: Sequence[str] | None = None) -> pa.Table:
+    """The vectors of one cadence a replay wrote (optionally some symbols), sorted by symbol and
+    window_end: the meta columns + ``f.<feature>`` columns."""
+    files = _part_files(out, cadence, symbols)
     if not files:
-        return VECTOR_SCHEMA.empty_table()
-    t = pa.concat_tables([pq.read_table(f, schema=VECTOR_SCHEMA) for f in files])
-    return t.sort_by([("symbol", "ascending"), ("cadence", "ascending"), ("window_end", "ascending")])
+        return pa.schema(META_COLUMNS).empty_table()
+    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
+    return t.sort_by([("symbol", "ascending"), ("window_end", "ascending")])
+
+
+def iter_vectors(out: str | Path, symbols: Sequence[str] | None = None):
+    """Every FeatureVector record (without emit_ts) a replay wrote, part by part."""
+    for f in _part_files(out, None, symbols):
+        yield from table_vectors(pq.read_table(f))
 
 
 def wide_m1(vectors: pa.Table, feature_names: Sequence[str]) -> pa.Table:
-    """1-minute vectors of one symbol as a wide table: window_end + one float column per feature."""
-    ends = vectors.column("window_end").to_pylist()
-    values = vectors.column("values").to_pylist()
-    cols: dict[str, list] = {"window_end": ends}
+    """1-minute vectors of one symbol as a wide table: window_end + one float column per feature
+    (a feature the vectors lack is all null)."""
+    n = vectors.num_rows
+    cols = {"window_end": vectors.column("window_end").cast(pa.int64())}
     for name in feature_names:
-        cols[name] = [dict(v).get(name) for v in values]
-    return pa.table({"window_end": pa.array(ends, pa.int64()),
-                     **{n: pa.array(cols[n], pa.float64()) for n in feature_names}})
+        c = FEATURE_PREFIX + name
+        cols[name] = vectors.column(c).cast(pa.float64()) if c in vectors.column_names else pa.nulls(n, pa.float64())
+    return pa.table(cols)
 
 
 def replay_vectors(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, *,

@@ -184,15 +184,14 @@ def parity(bootstrap: str, lake, from_ms: int, to_ms: int, symbols: Sequence[str
            versions: dict[str, int] | None = None, registry_path: str | None = None, work_dir: str | Path | None = None,
            progress: bool = False, topic: str | None = None) -> ParityReport:
     """Compare the published vectors of [from_ms, to_ms) with the replay of the archive."""
-    from flows.offline_replay import read_vectors, replay, row_vector
+    from flows.offline_replay import iter_vectors, replay
 
     report = ParityReport((from_ms, to_ms), list(symbols))
     online, report.online_inconsistent = read_published(bootstrap, from_ms, to_ms, symbols, topic=topic)
     with tempfile.TemporaryDirectory(prefix="parity-", dir=work_dir) as tmp:
         replay(lake, symbols, from_ms, to_ms, tmp, versions=versions, registry_path=registry_path, progress=progress)
         offline = {}
-        for row in read_vectors(tmp, symbols=symbols).to_pylist():
-            rec = row_vector(row)
+        for rec in iter_vectors(tmp, symbols=symbols):
             offline[(rec["symbol"], rec["cadence"], rec["window_end"])] = rec
     compare(online, offline, report)
     log.info("parity", extra={"counts": {"values": report.values_compared, "mismatches": report.value_mismatches,

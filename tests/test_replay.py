@@ -8,7 +8,7 @@ import pytest
 from flows.archive import BronzeWriter
 from flows.engine import new_engine
 from flows.lake import BRONZE, TABLE_OF_TOPIC, Lake, rows_to_arrow, with_meta
-from flows.offline_replay import read_vectors, replay, row_vector, wide_m1
+from flows.offline_replay import iter_vectors, read_vectors, replay, wide_m1
 from flows.parity import ParityReport, compare, same_value
 from flows.replay_source import find_start_seq, merged_events, plan_files
 from tests.synth import T0, SynthStream
@@ -120,8 +120,7 @@ def test_replay_through_build_flow_equals_the_engine_and_pinned_versions_time_tr
     lo, hi = T0 + 20_000, T0 + 90_000
     rep = replay(lake, ["BTCUSDT", "ETHUSDT"], lo, hi, tmp_path / "out", progress=False)
     assert rep["events"] == len(btc) + len(eth)  # warm-up reaches the start of the archive
-    got = {(r["symbol"], r["cadence"], r["window_end"]): row_vector(r)
-           for r in read_vectors(tmp_path / "out").to_pylist()}
+    got = {(r["symbol"], r["cadence"], r["window_end"]): r for r in iter_vectors(tmp_path / "out")}
     ref = {}
     for sym, evs in (("BTCUSDT", btc), ("ETHUSDT", eth)):
         for r in features_of(evs, sym):
@@ -140,7 +139,9 @@ def test_replay_through_build_flow_equals_the_engine_and_pinned_versions_time_tr
     rep2 = replay(lake, ["BTCUSDT", "ETHUSDT"], lo, hi, tmp_path / "out2", versions=versions, progress=False)
     assert rep2["events"] == rep["events"] and rep2["raw_table_versions"] == versions
     m1 = read_vectors(tmp_path / "out2", "m1", symbols=["BTCUSDT"])
-    wide = wide_m1(m1, sorted(dict(m1.column("values")[0].as_py())))
+    names = [c[2:] for c in m1.column_names if c.startswith("f.")]
+    wide = wide_m1(m1, names + ["no_such_feature"])
+    assert wide.column("no_such_feature").null_count == wide.num_rows
     assert wide.num_rows == m1.num_rows and wide.column("window_end").to_pylist() == sorted(
         k[2] for k in ref if k[0] == "BTCUSDT" and k[1] == "m1")
 
