@@ -144,6 +144,8 @@ class Gateway:
             self.subscribe_errors += 1
             log.error("the exchange refused a request", extra={
                 "op": kind, "ret_msg": msg.get("ret_msg"), "conn": getattr(conn, "name", None)})
+            if conn is not None and kind == "subscribe":
+                conn.rejected(msg)
             self.publisher.dead_letter("gateway.bybit.control", f"{kind}_rejected", str(msg.get("ret_msg")), raw,
                                        topic=None)
 
@@ -316,7 +318,10 @@ class Gateway:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            left = await asyncio.to_thread(self.publisher.flush, 10.0)
+            left = await asyncio.to_thread(self.publisher.close, 10.0)
+            if left:
+                log.error("stopped with records the broker never acknowledged: they are lost", extra={
+                    "counts": {"undelivered": left}})
             if self.metrics is not None:
                 self.metrics.close()
             log.info("gateway stopped", extra={"counts": {**self.counts(), "undelivered": left}})
@@ -410,7 +415,9 @@ def mempool_inputs(settings, source: Source, symbols: list[str]) -> list[ExtraIn
                 continue
             large = float(settings.alchemy_large_transfer.get(chain, 100.0))
 
-            def run(pub, stop, url=f"{base.rstrip('/')}/{key}", chain=chain, syms=syms, large=large):
+            url = f"{base.rstrip('/')}/{key}"
+
+            def run(pub, stop, url=url, chain=chain, syms=syms, large=large):
                 return AlchemyPendingFeed(url, chain, syms, pub.publish, pub.dead_letter,
                                           large_transfer=large).run(stop)
             out.append(run)

@@ -243,7 +243,7 @@ class MempoolSpaceFeed:
         while not stop.is_set():
             try:
                 await self.poll_rest(http)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a failed poll is retried at the next interval
                 log.warning("mempool REST poll failed", extra={"chain": self.chain, "error": repr(exc)})
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.rest_interval_s)
@@ -259,7 +259,7 @@ class MempoolSpaceFeed:
             try:
                 async with asyncio.timeout(self.timeout_s):
                     ws = await connect(self.ws_url, max_size=2 ** 24, close_timeout=2)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every connect failure is retried with backoff
                 log.warning("mempool WebSocket connect failed", extra={"chain": self.chain, "error": repr(exc)})
             else:
                 attempt = 0
@@ -273,7 +273,7 @@ class MempoolSpaceFeed:
                             self.handle_ws(raw)
                     finally:
                         closer.cancel()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever ended the socket, reconnect
                     if not stop.is_set():
                         log.warning("mempool WebSocket lost", extra={"chain": self.chain, "error": repr(exc)})
                 finally:
@@ -451,7 +451,7 @@ class AlchemyPendingFeed:
                 try:
                     async with asyncio.timeout(self.timeout_s):
                         ws = await connect(self.ws_url, max_size=2 ** 24, close_timeout=2)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - every connect failure is retried with backoff
                     log.warning("Alchemy connect failed", extra={"chain": self.chain, "url": self._redacted(),
                                                                  "error": type(exc).__name__})
                 else:
@@ -467,7 +467,7 @@ class AlchemyPendingFeed:
                                 self.handle(raw)
                         finally:
                             closer.cancel()
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - whatever ended the socket, reconnect
                         if not stop.is_set():
                             log.warning("Alchemy feed lost", extra={"chain": self.chain, "error": repr(exc)})
                     finally:

@@ -220,13 +220,14 @@ class Publisher:
         self.latency_samples: list[float] = []  # seconds, drained by the metrics
         self._latency_every = latency_every
         self._last_drop_log = 0.0
+        self._left_at_close = 0
         self._lock = threading.Lock()  # only guards latency_samples against the metrics thread
 
     # -- events ---------------------------------------------------------------------------------
     @property
     def buffered(self) -> int:
         """Records handed to the producer and not yet acknowledged by the broker."""
-        return len(self.producer)
+        return len(self.producer) if self.producer is not None else self._left_at_close
 
     def publish(self, name: str, rec: dict) -> bool:
         """Assign the next gw_seq of the record's symbol and produce it; False when dropped."""
@@ -314,11 +315,19 @@ class Publisher:
                              topic=msg.topic(), symbol=(msg.key() or b"").decode(errors="replace") or None)
 
     def poll(self, timeout: float = 0.0) -> int:
-        return self.producer.poll(timeout)
+        return self.producer.poll(timeout) if self.producer is not None else 0
 
     def flush(self, timeout: float = 10.0) -> int:
         """Wait for the queue to drain; returns the number of records still undelivered."""
-        return self.producer.flush(timeout)
+        return self.producer.flush(timeout) if self.producer is not None else self._left_at_close
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush and release the producer (its threads and connections); the counters stay readable.
+        Returns the number of records that could not be delivered (lost: logged by the caller)."""
+        if self.producer is not None:
+            self._left_at_close = self.producer.flush(timeout)
+            self.producer = None
+        return self._left_at_close
 
     def drain_latency(self) -> list[float]:
         with self._lock:

@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from connectors.bybit.parse import ParseError, check_decimal, check_signed, levels
 from tickcast.logs import get_logger
@@ -111,7 +111,7 @@ class BybitRest:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def __aenter__(self) -> BybitRest:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc) -> None:

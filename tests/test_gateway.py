@@ -8,8 +8,6 @@ import json
 import time
 from collections import defaultdict
 
-import pytest
-
 from connectors.gateway import Gateway, GatewayConfig, wait_restore
 from connectors.publisher import now_us
 from tests.test_gateway_support import FakeBybitServer, SyntheticMarket, dead_letters, dumps, read_back
@@ -381,7 +379,7 @@ async def _mute(*_a, **_k):
     return None
 
 
-def test_subscribe_errors_are_dead_lettered(bootstrap):
+def test_a_refused_symbol_is_dead_lettered_and_does_not_silence_the_others(bootstrap):
     syms = symbols("BTC", "GONE")
     m = SyntheticMarket(syms[0], seed=30)
     since = now_us()
@@ -391,7 +389,8 @@ def test_subscribe_errors_are_dead_lettered(bootstrap):
         gw = Gateway(config(server, syms), bootstrap)
 
         async def scenario():
-            await until(lambda: gw.subscribe_errors >= 1)
+            # the refused topic is dropped and the rest of the request subscribed again, one by one
+            await until(lambda: gw.subscribe_errors >= 4 and sum(gw.received.values()) >= 2)
             await settle(gw)
 
         await run_with(gw, scenario)
@@ -399,6 +398,10 @@ def test_subscribe_errors_are_dead_lettered(bootstrap):
         return gw
 
     gw = asyncio.run(main())
+    assert gw.subscribe_errors == 4 and gw.received  # the known symbol streams on
+    assert gw.connections[0].refused == {f"orderbook.50.{syms[1]}", f"publicTrade.{syms[1]}", f"tickers.{syms[1]}",
+                                         f"kline.1.{syms[1]}"}
+    assert len(gw.connections[0].topics) == 4
     dls = dead_letters(bootstrap, since, until=lambda d: any(x["error_kind"] == "subscribe_rejected" for x in d))
     assert any(syms[1] in d["reason"] and d["error_kind"] == "subscribe_rejected" for d in dls)
 

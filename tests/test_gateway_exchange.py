@@ -252,6 +252,7 @@ def test_source_local_and_the_exchanges_mempool_feed(own_bootstrap):
             return gw
 
     gw = run(main())
+    assert gw.publisher.dropped == 0 and not gw.publisher.dead_letters
     got = read_back(own_bootstrap, {"BTCUSDT"}, topics=["market.mempool"], idle_s=1.5)
     recs = [r for _, n, r in got if r["venue"] == "sim.mempool"]
     assert len(recs) >= 3 and all(r["chain"] == "BTC" and r["tx_count"] and r["vsize"] for r in recs)

@@ -12,6 +12,7 @@ becomes the dead letter's ``error_kind``.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -75,7 +76,7 @@ def _bad_decimal(value: Any, field: str, *, signed: bool = False) -> ParseError:
         number = float(value)
     except ValueError:
         return ParseError("invalid_decimal", f"{field}: {value!r} is not a decimal number")
-    if number != number or number in (float("inf"), float("-inf")):
+    if not math.isfinite(number):
         return ParseError("not_finite", f"{field}: {value!r} is not finite")
     if number < 0 and not signed:
         kind = "negative_size" if "sz" in field or "size" in field.lower() or field in ("v", "volume") \

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -86,6 +87,8 @@ class BybitConnection:
         self._req = itertools.count(1)
         self._stop = asyncio.Event()
         self._failures = 0
+        self._requests: dict[str, tuple[str, list[str]]] = {}  # req_id -> (op, args) awaiting an answer
+        self.refused: set[str] = set()  # topics the exchange refused: not subscribed again
 
     # -- sending --------------------------------------------------------------------------------
     async def send_op(self, op: str, args: list[str] | None = None) -> str:
@@ -93,6 +96,9 @@ class BybitConnection:
         msg = {"op": op, "req_id": req_id}
         if args is not None:
             msg["args"] = args
+            if len(self._requests) > 1000:
+                self._requests.clear()
+            self._requests[req_id] = (op, list(args))
         await self.ws.send(json.dumps(msg, separators=(",", ":")))
         return req_id
 
@@ -112,7 +118,7 @@ class BybitConnection:
             await self.unsubscribe(topics)
             await self.subscribe(topics)
             return True
-        except Exception as exc:  # the socket died between the check and the send
+        except Exception as exc:  # noqa: BLE001 - the socket died between the check and the send
             log.warning("resubscribe failed; the reconnect will resubscribe", extra={
                 "conn": self.name, "error": repr(exc)})
             return False
@@ -134,7 +140,7 @@ class BybitConnection:
                 async with asyncio.timeout(self.connect_timeout_s):
                     ws = await connect(self.url, ping_interval=None, max_size=2 ** 24, close_timeout=2,
                                        compression=None)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - DNS, TLS, refused, timeout, bad handshake: all retried
                 self._failures += 1
                 self.on_event("connect_failed", self, {"error": repr(exc)})
                 log.warning("connect failed", extra={"conn": self.name, "url": self.url, "error": repr(exc),
@@ -153,7 +159,7 @@ class BybitConnection:
                         "conn": self.name, "url": self.url, "counts": {"topics": len(self.topics),
                                                                          "reconnects": self.reconnects}})
                     await self._read(ws)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - whatever ended the socket, reconnect
                     if not self._stop.is_set():
                         log.warning("connection lost", extra={"conn": self.name, "error": repr(exc)})
                 finally:
@@ -203,11 +209,44 @@ class BybitConnection:
                 last_ping = now
                 try:
                     await self.send_op("ping")
-                except Exception:
+                except Exception:  # noqa: BLE001 - the reader sees the closed socket and reconnects
                     return
 
     def note_pong(self) -> None:
         self.pongs += 1
+
+    def rejected(self, msg: dict) -> list[str]:
+        """The exchange refused a subscribe (e.g. ``error:handler not found,topic:orderbook.50.XUSDT``):
+        drop the refused topic for good and subscribe the rest of that request again, so one bad
+        symbol does not silence the others. Returns the topics given up."""
+        op, args = self._requests.pop(str(msg.get("req_id")), ("", []))
+        if op != "subscribe" or not args:
+            return []
+        m = re.search(r"topic:([A-Za-z0-9.]+)", str(msg.get("ret_msg", "")))
+        if m and m.group(1) in args:
+            bad = [m.group(1)]
+        elif len(args) == 1:
+            bad = list(args)
+        else:  # the reason names no topic: ask for each one alone to find out which
+            for t in args:
+                asyncio.ensure_future(self._retry([t]))
+            return []
+        self.refused.update(bad)
+        self.topics = [t for t in self.topics if t not in self.refused]
+        rest = [t for t in args if t not in self.refused]
+        if rest:
+            asyncio.ensure_future(self._retry(rest))
+        log.error("the exchange refused a subscription: not subscribed again", extra={
+            "conn": self.name, "topics": bad, "ret_msg": msg.get("ret_msg")})
+        return bad
+
+    async def _retry(self, topics: list[str]) -> None:
+        if self.ws is None:
+            return  # the reconnect subscribes what is left
+        try:
+            await self.subscribe(topics)
+        except Exception:  # noqa: BLE001 - the socket died: the reconnect subscribes what is left
+            pass
 
 
 async def reachable(url: str, timeout: float = 3.0) -> bool:
@@ -219,6 +258,6 @@ async def reachable(url: str, timeout: float = 3.0) -> bool:
             ws = await connect(url, ping_interval=None, close_timeout=1)
             await ws.close()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
         return False
 
