@@ -2,6 +2,8 @@
 Only typer and the standard library at module level."""
 from __future__ import annotations
 
+from datetime import UTC
+
 import typer
 
 
@@ -61,13 +63,20 @@ def backfill(symbols: str = typer.Option(None, help="comma-separated; default TI
     import asyncio
     import csv
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
     from pathlib import Path
 
     from tqdm import tqdm
 
     from connectors.gateway import bybit_source, local_source
-    from connectors.rest import INTERVAL_MS, BybitRest, RestError, funding_record, kline_record, resolve_symbols
+    from connectors.rest import (
+        INTERVAL_MS,
+        BybitRest,
+        RestError,
+        funding_record,
+        kline_record,
+        resolve_symbols,
+    )
 
     s = _settings()
     if interval not in INTERVAL_MS:
@@ -80,7 +89,7 @@ def backfill(symbols: str = typer.Option(None, help="comma-separated; default TI
         except ValueError:
             typer.echo(f"not an ISO date/time: {text!r}", err=True)
             raise typer.Exit(2) from None
-        return int((dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp() * 1000)
+        return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp() * 1000)
 
     end_ms = when(end) if end else int(time.time() * 1000)
     start_ms = when(start) if start else end_ms - int(days * 86_400_000)

@@ -11,8 +11,13 @@ from http import HTTPStatus
 
 import pytest
 
-from connectors.mempool import (AlchemyPendingFeed, MempoolSpaceFeed, PendingAggregate, aggregate_record,
-                                ws_url_of)
+from connectors.mempool import (
+    AlchemyPendingFeed,
+    MempoolSpaceFeed,
+    PendingAggregate,
+    aggregate_record,
+    ws_url_of,
+)
 
 INFO = {"loaded": True, "size": 41234, "bytes": 17_654_321, "usage": 98_765_432, "total_fee": 0.41234567,
         "maxmempool": 300_000_000, "mempoolminfee": 0.00001, "minrelaytxfee": 0.00001}
@@ -179,7 +184,7 @@ def test_pending_transactions_are_aggregated_per_second_and_never_kept():
     sink = Sink()
     feed = AlchemyPendingFeed("wss://eth-mainnet.g.alchemy.com/v2/SECRETKEY", "ETH", ["ETHUSDT"], sink.publish,
                               sink.dead_letter, large_transfer=100.0)
-    note = lambda t, n: json.dumps({"jsonrpc": "2.0", "method": "eth_subscription",  # noqa: E731
+    note = lambda t, n: json.dumps({"jsonrpc": "2.0", "method": "eth_subscription",
                                     "params": {"subscription": "0xabc", "result": t}})
     feed.roll(now=1000.2)  # the first second starts
     feed.handle(note(tx(1.5, 20, 1), 1), now=1000.3)

@@ -115,7 +115,7 @@ def bybit():
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as Bybit's CDN
 
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             parts = urlsplit(self.path)
             q = {k: v[0] for k, v in parse_qs(parts.query).items()}
             status, body = state.respond(parts.path, q)
