@@ -22,7 +22,7 @@ before ``start_ms`` (looking back at most ``book_lookback_ms``), else at the fir
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -85,11 +85,13 @@ class _Stream:
         self.done = False
         self.read_rows = 0
 
-    def _records(self, batch) -> list[dict]:
-        # the record's own field order, the symbol (a partition value, not stored in the file) in place
+    def _records(self, batch) -> list[tuple[str, dict]]:
+        # (schema name, record): the record's own field order, the symbol (a partition value, not
+        # stored in the file) in its place
         names = self.names
+        name = self.schema_name
         cols = [repeat(self.symbol) if n == "symbol" else batch.column(n).to_pylist() for n in names]
-        return [dict(zip(names, vals)) for vals in zip(*cols)]
+        return [(name, dict(zip(names, vals))) for vals in zip(*cols)]
 
     def fill(self) -> bool:
         """Make sure rows are buffered; False when the file is exhausted."""
@@ -248,13 +250,12 @@ def merged_events(lake: Lake, symbol: str, start_ms: int, end_ms: int, *, versio
                 parts.append((s, s.pos, s.pos + k))
         if len(parts) == 1:
             s, a, b = parts[0]
-            name = s.schema_name
-            items = [(name, r) for r in s.recs[a:b]]
+            items = s.recs[a:b]
             ets = s.ets[a:b]
         else:
             seqs = np.concatenate([s.seq[a:b] for s, a, b in parts])
-            order = np.argsort(seqs, kind="stable")
-            all_items = [(s.schema_name, r) for s, a, b in parts for r in s.recs[a:b]]
+            order = np.argsort(seqs, kind="stable").tolist()
+            all_items = list(chain.from_iterable(s.recs[a:b] for s, a, b in parts))
             items = [all_items[i] for i in order]
             ets = np.concatenate([s.ets[a:b] for s, a, b in parts])[order]
         for s, a, b in parts:
