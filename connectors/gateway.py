@@ -252,6 +252,28 @@ class Gateway:
         finally:
             await asyncio.to_thread(consumer.close)
 
+    async def _guarded(self, extra: ExtraInput, stop: asyncio.Event, name: str) -> None:
+        """Run an extra input (mempool, news); if it fails, log it and start it again with backoff:
+        a broken side feed never takes the market data down with it."""
+        delay = 1.0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await extra(self.publisher, stop)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of a side feed is contained here
+                log.error("input failed; restarting it", extra={"input": name, "error": repr(exc),
+                                                                "delay_s": delay})
+            if time.monotonic() - started > 60:
+                delay = 1.0
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 60.0)
+
     # -- housekeeping ---------------------------------------------------------------------------
     def _on_conn_event(self, kind: str, conn: BybitConnection, info: dict) -> None:
         if len(self.events) < 10_000:
@@ -298,7 +320,7 @@ class Gateway:
         if self.config.control:
             tasks.append(asyncio.create_task(self._control_loop(stop), name="control"))
         for i, extra in enumerate(self.extra_inputs):
-            tasks.append(asyncio.create_task(extra(self.publisher, stop), name=f"input{i}"))
+            tasks.append(asyncio.create_task(self._guarded(extra, stop, f"input{i}"), name=f"input{i}"))
         self._tasks = tasks
         log.info("gateway running", extra={"symbols": self.symbols, "venue": self.config.venue,
                                            "url": self.config.ws_url,

@@ -442,3 +442,36 @@ def test_metrics_endpoint_reports_the_counters(bootstrap):
     assert 'tickcast_gateway_events_per_second{topic="market.orderbook.delta"}' in lines
     assert lines['tickcast_gateway_connected{conn="ws0"}'] == 1
     assert "tickcast_gateway_publish_latency_seconds_count" in lines
+
+
+def test_a_failing_side_input_is_restarted_and_market_data_keeps_flowing(bootstrap):
+    syms = symbols("BTC")
+    m = SyntheticMarket(syms[0], seed=60)
+    calls = []
+
+    async def flaky(pub, stop):
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise RuntimeError("side feed broke")
+        await stop.wait()
+
+    async def main():
+        server = await FakeBybitServer({syms[0]: m}).start()
+        gw = Gateway(config(server, syms), bootstrap, extra_inputs=[flaky])
+
+        async def scenario():
+            await server.wait_subscribed(4)
+            await until(lambda: len(calls) >= 3, timeout=10)
+            for _ in range(5):
+                await server.push(m.book_delta())
+            await until(lambda: sum(gw.received.values()) >= 7)
+            await settle(gw)
+
+        await run_with(gw, scenario)
+        await server.stop()
+        return gw
+
+    gw = asyncio.run(main())
+    assert len(calls) == 3  # restarted twice, with exponential backoff (1 s, then 2 s)
+    assert calls[1] - calls[0] >= 0.9 and calls[2] - calls[1] >= 1.8
+    assert gw.publisher.accepted["market.orderbook.delta"] == 5
