@@ -373,6 +373,7 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
         if api is not None:
             api.stop()
         pub.producer.flush(5)
+        pub.producer = None  # frees the client before the session's broker stops
         if dash.poll() is None:
             dash.terminate()
             try:

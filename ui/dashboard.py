@@ -86,10 +86,10 @@ class Dashboard:
     def __init__(self, feed: LiveFeed, refresh_ms: int = 1000):
         self.feed = feed
         self.refresh_ms = refresh_ms
-        self.symbol = pn.widgets.Select(name="Symbol", options=[], width=170)
-        self.window = pn.widgets.Select(name="Last N minutes", options=WINDOWS, value=120, width=130)
-        self.days = pn.widgets.RadioButtonGroup(name="Days", options=list(DAYS), value="30 days",
-                                                button_type="primary", button_style="outline")
+        self.symbol = pn.widgets.Select(label="Symbol", options=[], width=170)
+        self.window = pn.widgets.Select(label="Last N minutes", options=WINDOWS, value=120, width=130)
+        self.days = pn.widgets.RadioButtonGroup(options=list(DAYS), value="30 days", color="primary",
+                                                variant="outline")
         self.banner = _pane(margin=(0, 10))
         self.status = _pane(margin=(0, 10))
         self._live_key = None
@@ -120,6 +120,7 @@ class Dashboard:
         self.src_fan = ColumnDataSource(S.forecast_fan(None), name="live_fan")
         self.src_signals = ColumnDataSource(S.signal_marker_columns([], {}, 0.0), name="live_signals")
         self.src_alerts = ColumnDataSource(S.alert_marker_columns([], {}, None, 0.0), name="live_alerts")
+        self.src_frame = ColumnDataSource({"x": [], "y": []}, name="live_frame")  # keeps the window's x span
         p = _fig(430, x_axis_type="datetime", title="Price, 30-minute forecast fan, signals and alerts")
         wick = p.segment("x", "wick_lo", "x", "wick_hi", color="color", source=self.src_candles)
         body = p.vbar("x", 0.7 * MIN, "top", "bottom", fill_color="color", line_color="color",
@@ -132,7 +133,8 @@ class Dashboard:
                         source=self.src_signals, legend_label="signal fired (BUY/SELL)")
         alr = p.scatter("x", "y", marker="x", size=16, line_width=3, line_color="color", source=self.src_alerts,
                         legend_label="alert: actual outside the interval")
-        p.x_range.renderers = [body, band]
+        frame = p.scatter("x", "y", source=self.src_frame, size=0, alpha=0)
+        p.x_range.renderers = [body, band, frame]
         p.y_range.renderers = [wick, body, band, med, sig, alr]
         p.legend.orientation = "horizontal"
         p.legend.click_policy = "hide"
@@ -198,6 +200,16 @@ class Dashboard:
             if new:
                 self.src_candles.stream(S.candle_columns(new), rollover=n)
                 self._last_t = new[-1]["t"]
+        horizon = (fc or {}).get("horizon") or model.get("horizon")
+        if times:
+            last_close = (feed.candles_between(sym, times[-1]) or [{}])[0].get("close")
+            frame = {"x": [start, times[-1] + ((horizon or 30) + 1) * MIN], "y": [last_close, last_close]}
+        else:
+            frame = {"x": [], "y": []}
+        _set(self.src_frame, frame)
+        title = f"Price, {horizon or 30}-minute forecast fan (q0.1-q0.9, median), fired signals and alerts"
+        if self.fig_price.title.text != title:
+            self.fig_price.title.text = title
         # the fan of the latest forecast
         fkey = (sym, fc.get("origin_ts") if fc else None, fc.get("issued_ts") if fc else None)
         if fkey != self._fan_key:
@@ -211,7 +223,6 @@ class Dashboard:
             pad = S.marker_pad(candles)
             fired = [s for s in S.fired_signals(feed.signals_list(sym)) if start is None or s["origin_ts"] >= start]
             _set(self.src_signals, S.signal_marker_columns(fired, by_t, pad))
-            horizon = (fc or {}).get("horizon") or model.get("horizon")
             alerts = [a for a in feed.alerts_list(sym)
                       if start is None or not horizon or a["origin_ts"] + horizon * MIN >= start]
             _set(self.src_alerts, S.alert_marker_columns(alerts, by_t, horizon, pad))
@@ -269,8 +280,8 @@ class Dashboard:
         self.src_bt_candles = ColumnDataSource(S.candle_columns([]), name="bt_candles")
         self.src_bt_trades = ColumnDataSource(S.trade_marker_columns([]), name="bt_trades")
         self.src_bt_equity = ColumnDataSource(S.equity_columns([]), name="bt_equity")
-        p = _fig(360, x_axis_type="datetime", title=f"Last {BACKTEST_CANDLES} candles and the strategy's fills "
-                                                    "(T+1 at the next open)")
+        p = _fig(360, x_axis_type="datetime", title="Candles and the strategy's fills (T+1 at the next open)")
+        self.fig_bt = p
         p.segment("x", "wick_lo", "x", "wick_hi", color="color", source=self.src_bt_candles)
         p.vbar("x", 0.7 * MIN, "top", "bottom", fill_color="color", line_color="color", source=self.src_bt_candles,
                legend_label="candles")
@@ -306,7 +317,10 @@ class Dashboard:
             return
         rows = bt.get("rows") or []
         summ = S.backtest_summary(bt)
-        _set(self.src_bt_candles, S.candle_columns(S.candles_from_backtest_rows(rows)))
+        bt_candles = S.candles_from_backtest_rows(rows)
+        _set(self.src_bt_candles, S.candle_columns(bt_candles))
+        self.fig_bt.title.text = (f"Last {BACKTEST_CANDLES} minutes ({len(bt_candles)} candles the API holds) and the "
+                                  "strategy's fills (T+1 at the next open)")
         _set(self.src_bt_trades, S.trade_marker_columns(rows))
         _set(self.src_bt_equity, S.equity_columns(bt.get("equity") or [], summ.get("capital")))
         reason = summ.get("reason")

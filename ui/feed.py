@@ -351,6 +351,7 @@ class LiveFeed:
                                      "simulated": bool(it.get("simulated")), "issued_ts": it.get("issued_ts")})
             for a in alerts.get("items") or []:
                 self._put_alert(b, a)
+            self._put_candles(b, S.candles_from_history(hist.get("items") or []))
             if latest:
                 if latest.get("forecast"):
                     self._put_forecast(b, latest["forecast"])

@@ -153,6 +153,18 @@ def candle_from_vector(fv: Mapping[str, Any]) -> dict | None:
             "venue": fv.get("venue")}
 
 
+def candles_from_history(items: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Close-only candles from ``GET /predictions/history`` items (``last_close`` is the close of the
+    origin minute, recorded for skipped minutes too): the price history before any model ran."""
+    out = []
+    for it in items:
+        t, close = it.get("origin_ts"), num(it.get("last_close"))
+        if isinstance(t, int) and close is not None and close > 0:
+            out.append({"t": t, "open": None, "high": None, "low": None, "close": close, "volume": None,
+                        "venue": None})
+    return out
+
+
 def candles_from_backtest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     """Candles (open/close only) from ``GET /backtest`` rows: the API's own minutes, for a backfill."""
     out = []
@@ -424,9 +436,9 @@ def live_state(*, api_error: str | None, model_version: str | None, model_checke
     if not symbol:
         return {"kind": "no_data", "message": "The API serves no symbols."}
     if not model_version and model_checked:
-        why = f" ({last_reason})" if last_reason else ""
+        why = f" The API says: {last_reason}." if last_reason else ""
         return {"kind": "no_model" if has_candles else "no_model_no_data",
-                "message": "No champion model yet: no forecasts are being made" + why + "."
+                "message": "No champion model yet: no forecasts are being made." + why
                            + ("" if has_candles else f" No market data for {symbol} yet either.")}
     if not has_candles and not has_forecast:
         return {"kind": "no_data", "message": f"No data for {symbol} yet: no m1 feature vector and no forecast "
