@@ -214,19 +214,21 @@ class MempoolState:
         return None
 
     def between(self, lo: int, hi: int) -> list[dict]:
-        return [r for r in self.recs if lo < r["exchange_ts"] <= hi]
+        """Records with lo <= ts < hi: the same half-open window as the tiles and the news windows."""
+        return [r for r in self.recs if lo <= r["exchange_ts"] < hi]
 
 
 class Candles:
     """1-minute OHLCV from trades (by match time), reconciled with the exchange's confirmed klines:
     a confirmed kline replaces the trade-built candle (the exchange is the reference for history)."""
 
-    __slots__ = ("bars", "confirmed", "mismatches", "last_close")
+    __slots__ = ("bars", "confirmed", "mismatches", "carry")
 
     def __init__(self):
         self.bars: dict[int, list] = {}  # minute start -> [o, h, l, c, v]
         self.confirmed: set[int] = set()
         self.mismatches = 0
+        self.carry: tuple[int, float] | None = None  # (minute, close) of the newest pruned bar
 
     def trade(self, ts: int, price: float, size: float) -> None:
         m = ts - ts % MINUTE_MS
@@ -264,7 +266,14 @@ class Candles:
         n = KLINE_WARMUP + 1
         starts = [minute_end - (n - i) * MINUTE_MS for i in range(n)]
         cols = [[], [], [], [], []]
-        prev_close = math.nan
+        # the close before the buffer: the newest older bar (kept or already pruned)
+        older = [m for m in self.bars if m < starts[0]]
+        if older:
+            prev_close = self.bars[max(older)][3]
+        elif self.carry is not None and self.carry[0] < starts[0]:
+            prev_close = self.carry[1]
+        else:
+            prev_close = math.nan
         for m in starts:
             bar = self.bars.get(m)
             if bar is None:
@@ -276,7 +285,9 @@ class Candles:
         out = kline_variates(starts, *cols, funding_rate=fr, rows=range(n - 1, n))
         # prune history no longer needed
         oldest = starts[0] - MINUTE_MS
-        for m in [m for m in self.bars if m < oldest]:
+        for m in sorted(m for m in self.bars if m < oldest):
+            if self.carry is None or m > self.carry[0]:
+                self.carry = (m, self.bars[m][3])
             del self.bars[m]
             self.confirmed.discard(m)
         return {k: float(v[0]) for k, v in out.items()}

@@ -246,7 +246,8 @@ def log_return(ctx, spec):
 
 @kind("return_std", inputs=("book",), point=False)
 def return_std(ctx, spec):
-    """Sample std of the 1-second log mid returns inside the window."""
+    """Sample std of the 1-second log mid returns inside the window (a return needs a valid mid at
+    both tile ends); null when fewer than max(2, half the window's tiles) returns exist."""
     rets = ctx.window(spec.window_ms).returns
     if len(rets) < max(2, ctx.window(spec.window_ms).n_tiles // 2):
         return Missing(f"only {len(rets)} valid 1 s returns")
@@ -257,14 +258,16 @@ def return_std(ctx, spec):
 
 @kind("churn_rate", inputs=("book",), point=False)
 def churn_rate(ctx, spec):
-    """Best bid/ask price changes per second."""
+    """Best-price changes per second: messages after which the (best bid, best ask) pair differs
+    from before (a snapshot that sets it counts), summed over the window's tiles / window seconds."""
     w = ctx.window(spec.window_ms)
     return w.best_changes / (spec.window_ms / 1000)
 
 
 @kind("kyle_lambda", inputs=("book", "trades"), point=False)
 def kyle_lambda(ctx, spec):
-    """OLS slope of the 1-second mid change on the 1-second taker-signed volume."""
+    """OLS slope of the 1-second mid change (price units) on the 1-second taker-signed volume in
+    base units (buy - sell), over the seconds with a valid mid change; null below 10 of them."""
     pairs = ctx.window(spec.window_ms).dmid_q
     if len(pairs) < 10:
         return Missing(f"only {len(pairs)} seconds with a valid mid change")
@@ -279,7 +282,9 @@ def kyle_lambda(ctx, spec):
 
 @kind("roll", inputs=("trades",), point=False)
 def roll(ctx, spec):
-    """Roll's effective spread 2*sqrt(-cov(dp_t, dp_{t-1})) over trade prices (0 when cov >= 0)."""
+    """Roll's effective spread 2*sqrt(-c) over trade prices, 0 when c >= 0, with
+    c = mean(dp_t * dp_{t-1}) - mean(dp)^2 over consecutive trade price changes whose later trade
+    falls in the window (the first may start before it)."""
     w = ctx.window(spec.window_ms)
     m = w.roll_pairs
     if m < 10:
@@ -473,12 +478,15 @@ def _zscore_param(spec):
 
 @kind("zscore", point=True, params=_zscore_param)
 def zscore(ctx, spec):
-    """z-score of the input's current value against its last n values at this cadence (incl. now)."""
+    """z-score of the input's current value against its last n non-null values at this cadence
+    (including the current one); null when the current input is null."""
     src = spec.inputs[0]
     hist = ctx.history(src, spec.params["n"])
     n = spec.params["n"]
     if len(hist) < n:
         return Missing(f"warming up: {len(hist)}/{n} values of {src}")
+    if ctx.values.get(src) is None:  # never present the last valid value as the current one
+        return Missing(f"{src} is null in this window")
     mean = _fsum(hist) / n
     var = _fsum((v - mean) ** 2 for v in hist) / n
     if var <= 0:

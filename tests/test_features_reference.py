@@ -13,8 +13,10 @@ The vectors' keys, event counts, book validity and closing gw_seq are compared t
   news and heartbeat records) for what needs an hour of history: the candle variates, the m1
   z-scores, the mempool and news features, a stale book, a crossed book, a kline/trade outage.
 
-Known engine bugs (each with a minimal failing test marked xfail(strict=True) below) are excluded
-from the data-set comparisons by a named predicate, and counted.
+Engine bugs this suite found (a z-score of a null input, a mempool window one second short, candle
+flat-fill limited to the 62-minute buffer) are fixed; their minimal inputs stay below as regression
+tests, and the data-set comparisons include those cases again (KNOWN_BUGS is empty; add a named
+predicate there to exclude and count the cases of a newly found bug while it is being fixed).
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ REASONS = [
     (r"^not enough 1-minute candle history$", "candle_history"),
     (r"^warming up: \d+/\d+ values of \w+$", "warming_up"),
     (r"^\w+ did not vary over the last \d+ values$", "no_variation"),
+    (r"^\w+ is null in this window$", "input_null"),
     (r"^not finite ", "not_finite"),
 ]
 
@@ -79,7 +82,9 @@ def _candle_lookback_gap(ref, rv, name):
             and ref.candle_lookback_gap(rv.window_end))
 
 
-KNOWN_BUGS = {"zscore_of_null_input": _zscore_of_null_input, "candle_lookback_gap": _candle_lookback_gap}
+# bug id -> predicate(ref, vector, feature name) selecting its cases; all found so far are fixed
+KNOWN_BUGS: dict = {}
+FIXED_BUGS = {"zscore_of_null_input": _zscore_of_null_input, "candle_lookback_gap": _candle_lookback_gap}
 
 
 # --- running and comparing --------------------------------------------------------------------------
@@ -172,7 +177,8 @@ def compare(label: str, symbol: str, events, *, only_bugs: tuple[str, ...] = (),
             if e["symbol"] != symbol:
                 st.failures.append(f"{where}: symbol {e['symbol']}")
         for name, rval in rv.values.items():
-            bug = next((b for b, pred in KNOWN_BUGS.items() if pred(ref, rv, name)), None)
+            bugs = FIXED_BUGS if only_bugs else KNOWN_BUGS  # only_bugs: re-check a fixed bug's cases
+            bug = next((b for b, pred in bugs.items() if pred(ref, rv, name)), None)
             if only_bugs and bug not in only_bugs:
                 continue
             if bug and not only_bugs:
@@ -272,9 +278,7 @@ def test_the_comparison_catches_small_disagreements():
     assert sorted(f.split()[3].rstrip(":") for f in st.failures) == sorted(done)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a z-score whose input is null reports the z-score of the "
-                                       "input's last non-null value (flows/feature_kinds.py::zscore)")
-def test_known_bug_cases_in_local_exchange_data():
+def test_fixed_bug_cases_in_local_exchange_data():
     st = compare("local", "POLUSDT", _fixture_events()["POLUSDT"], only_bugs=("zscore_of_null_input",))
     assert st.nulls > 0
     assert not st.failures, "\n".join(st.failures[:5])
@@ -565,9 +569,7 @@ def test_every_feature_matches_the_reference_on_a_synthetic_long_run():
         assert st.null_categories[cat] > 0, cat
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the 60-minute candle variates are null when the two oldest "
-                                       "minutes of its 62-minute buffer had no candle (flows/engine.py::Candles.variates)")
-def test_known_bug_cases_in_the_synthetic_run():
+def test_fixed_bug_cases_in_the_synthetic_run():
     st = compare("synthetic", "BTCUSDT", synthetic_events(), only_bugs=("candle_lookback_gap",))
     assert st.values > 0
     assert not st.failures, "\n".join(st.failures[:5])
@@ -596,8 +598,6 @@ class Records:
         self.add("Heartbeat", ts)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: spread_rel_z60 reports the z-score of the last valid "
-                                       "spread_rel while spread_rel itself is null (book invalid)")
 def test_zscore_is_null_when_its_input_is_null():
     r = Records()
     r.book("OrderBookSnapshot", T0 + 100, 1000, {"65000.0": "1.000"}, {"65000.1": "1.000"})
@@ -618,8 +618,6 @@ def test_zscore_is_null_when_its_input_is_null():
             f"{v['values']['spread_rel_z60']}")
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: mempool_sum sums (E - W, E], one second short of a W window "
-                                       "of per-second records stamped at whole seconds (flows/engine.py::MempoolState.between)")
 def test_mempool_sum_covers_the_whole_window_of_per_second_records():
     r = Records("ETHUSDT")
     for sec in range(150):  # connectors/mempool.py::aggregate_record: second [s, s+1) is stamped (s+1)*1000
@@ -633,8 +631,6 @@ def test_mempool_sum_covers_the_whole_window_of_per_second_records():
     assert sums == {"mempool_pending_value_1m": 60.0, "mempool_large_transfers_1m": 60.0}, sums
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a minute without a candle is flat at the previous close only if "
-                                       "that close lies inside the 62-minute buffer (flows/engine.py::Candles.variates)")
 def test_candle_variates_flat_fill_from_a_close_older_than_the_buffer():
     r = Records()
     closes = {}
@@ -655,7 +651,9 @@ def test_candle_variates_flat_fill_from_a_close_older_than_the_buffer():
     feats, _ = run_engine("BTCUSDT", r.out)
     end = T0 + 73 * 60_000  # the minute 72 just closed; minutes 11 and 12 open its 62-minute buffer
     v = feats[("m1", end)]
-    # by the definition minutes 10-12 are flat at the close of minute 9, so C_{t-60} = close of minute 9
-    assert v["values"]["return_60m"] == pytest.approx(math.log(closes[72] / closes[9]), rel=1e-12), (
+    # by the definition minutes 10-12 are flat at the close of minute 9, so C_{t-60} = close of minute 9;
+    # minute 72 has no trades and its confirmed kline arrives 500 ms after the window closed, so at the
+    # close C_t is minute 72 flat at minute 71's close
+    assert v["values"]["return_60m"] == pytest.approx(math.log(closes[71] / closes[9]), rel=1e-12), (
         f"return_60m = {v['values']['return_60m']} ({v['nulls'].get('return_60m')}), rv_60m = {v['values']['rv_60m']}, "
         f"volume_z_60m = {v['values']['volume_z_60m']}")
