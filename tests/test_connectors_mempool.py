@@ -326,7 +326,7 @@ def test_mempool_stats_take_the_market_symbols_gw_seq(bootstrap):
         await srv.stop()
 
     asyncio.run(main())
-    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.5))
+    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.0))
     check_dense(got)
     mem = [r for t, n, r in got[sym] if n == "MempoolStats"]
     assert len(mem) >= 5 and {r["venue"] for r in mem} == {"sim.mempool"}

@@ -195,7 +195,7 @@ def test_a_dropped_connection_recovers_with_a_fresh_snapshot(bootstrap):
     assert gw.connections[0].reconnects == 1
     assert [e[0] for e in gw.events].count("connected") == 2
     expected = expected_events(server.sent_data())[syms[0]]
-    got = by_symbol(read_back(bootstrap, set(syms), idle_s=1.5))
+    got = by_symbol(read_back(bootstrap, set(syms), idle_s=1.0))
     check_dense(got)
     data = [(t, key_of(t, r)) for t, n, r in got[syms[0]] if t != HEARTBEAT]
     assert data == expected
@@ -255,7 +255,7 @@ def test_injected_faults_become_dead_letters_and_the_gateway_keeps_going(bootstr
         assert mine[kind]["source"] == "gateway.bybit.parse"
     assert gw.parser.book_gaps == 1
     assert sum(gw.publisher.dead_letters.values()) == len(faults)
-    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.5))
+    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.0))
     check_dense(got)
     valid = [t for t in server.sent_data() if t not in faults.values()]
     assert [(t, key_of(t, r)) for t, n, r in got[sym] if t != HEARTBEAT] == expected_events(valid)[sym]
@@ -285,7 +285,7 @@ def test_gw_seq_continues_across_a_gateway_restart(bootstrap):
     assert first_seq == {s: 0 for s in syms}
     second_seq, gw2 = asyncio.run(one_run(40))
     assert second_seq == gw1.publisher.next_seq  # continues from max + 1 per symbol
-    got = by_symbol(read_back(bootstrap, set(syms), idle_s=1.5))
+    got = by_symbol(read_back(bootstrap, set(syms), idle_s=1.0))
     check_dense(got)
     for s in syms:
         assert len(got[s]) == gw2.publisher.next_seq[s]
@@ -336,7 +336,7 @@ def test_resync_request_on_the_control_topic_brings_a_fresh_snapshot(bootstrap):
     server, gw = asyncio.run(main())
     ops = [json.loads(r)["op"] for r in server.conns[0].received]
     assert ops.count("unsubscribe") == 1 and ops.count("subscribe") == 2
-    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.5))
+    got = by_symbol(read_back(bootstrap, {sym}, idle_s=1.0))
     check_dense(got)
     names = [n for _, n, _ in got[sym] if n != "Heartbeat"]
     assert names.count("OrderBookSnapshot") == 2

@@ -60,7 +60,7 @@ def test_tickcast_gateway_process_against_the_local_exchange(tmp_path):
         assert code == 0, text[-3000:]
         assert "MATICUSDT no longer trades on Bybit: it was replaced by POLUSDT" in text
         assert '"msg":"gateway stopped"' in text and '"undelivered":0' in text
-        records = read_back(broker.bootstrap, {"BTCUSDT", "POLUSDT"}, idle_s=1.5)
+        records = read_back(broker.bootstrap, {"BTCUSDT", "POLUSDT"}, idle_s=1.0)
     got = by_symbol(records)
     check_dense(got)
     assert {r["venue"] for _, n, r in got["POLUSDT"]} == {"sim.linear"}

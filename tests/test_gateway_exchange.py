@@ -91,7 +91,7 @@ def test_model_market_through_the_gateway_exactly_once_in_order(own_bootstrap):
     sent = [r.text for r in ex.sent_data()]
     assert len(sent) > 1000  # 20 s of two symbols at Bybit's cadence
     expected = expected_events(sent)
-    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=2.0))
+    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=1.0))
     check_dense(got)
     for s in syms:
         data = [(t, key_of(t, r)) for t, n, r in got[s] if t != HEARTBEAT and r["recv_ts"] >= since]
@@ -146,7 +146,7 @@ def test_injected_faults_are_dead_letters_or_counted_gaps(own_bootstrap):
     # every data message the exchange sent (faulted copies included) was published once, in order,
     # except what was still in flight when a connection was cut (a drop without close frame, or the
     # gateway closing a stalled socket): only the tail of a cut connection may be missing.
-    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=2.0))
+    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=1.0))
     check_dense(got)  # continued from the earlier test's BTCUSDT sequence
     mine = [(t, key_of(t, r)) for t, n, r in got["BTCUSDT"] if t != HEARTBEAT and r["recv_ts"] >= since]
     logs = [[r.text for r in log if r.kind == "data"] for log in ex.sent_log.values()]
@@ -194,7 +194,7 @@ def test_replay_of_the_real_recording_at_full_speed(own_bootstrap, shared_real):
     assert len(sent) == len(recorded) == 2529
     assert sorted(sent) == sorted(recorded)  # unchanged by the replay
     expected = expected_events(sent)
-    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=2.0))
+    got = by_symbol(read_back(own_bootstrap, set(syms), idle_s=1.0))
     check_dense(got)
     for s in syms:
         data = [(t, key_of(t, r)) for t, n, r in got[s] if t != HEARTBEAT and r["recv_ts"] >= since]
@@ -253,7 +253,7 @@ def test_source_local_and_the_exchanges_mempool_feed(own_bootstrap):
 
     gw = run(main())
     assert gw.publisher.dropped == 0 and not gw.publisher.dead_letters
-    got = read_back(own_bootstrap, {"BTCUSDT"}, topics=["market.mempool"], idle_s=1.5)
+    got = read_back(own_bootstrap, {"BTCUSDT"}, topics=["market.mempool"], idle_s=1.0)
     recs = [r for _, n, r in got if r["venue"] == "sim.mempool"]
     assert len(recs) >= 3 and all(r["chain"] == "BTC" and r["tx_count"] and r["vsize"] for r in recs)
     assert any(r["fee_fastest"] for r in recs)

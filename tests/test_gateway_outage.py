@@ -62,7 +62,7 @@ def test_broker_outage_loses_nothing_and_the_buffer_bound_is_counted():
             stop.set()
             await task
             await server.stop()
-        state["records"] = await asyncio.to_thread(read_back, broker.bootstrap, {sym}, idle_s=2.0)
+        state["records"] = await asyncio.to_thread(read_back, broker.bootstrap, {sym}, idle_s=1.0)
         await proxy.stop()
         broker.stop()
         return server, gw
