@@ -299,7 +299,8 @@ class Gateway:
                 log.info("gateway counts", extra={"counts": self.counts()})
 
     def counts(self) -> dict:
-        return {"received": sum(self.received.values()), **self.publisher.counts(), "heartbeats": self.heartbeats,
+        return {"frames": sum(c.received for c in self.connections), "received": sum(self.received.values()),
+                **self.publisher.counts(), "heartbeats": self.heartbeats,
                 "duplicate_trades": self.parser.duplicate_trades, "book_gaps": self.parser.book_gaps, "reconnects": sum(c.reconnects for c in
                                                                                      self.connections),
                 "resyncs": self.resyncs, "subscribe_errors": self.subscribe_errors}

@@ -3,7 +3,8 @@
 The hot path only increments Python ints; this collector turns them into metric families when
 Prometheus scrapes (in the HTTP server's thread), so metrics cost nothing per message:
 
-- ``tickcast_gateway_ws_messages_total{channel}``: data messages received per exchange channel
+- ``tickcast_gateway_ws_frames_total{conn}``: every frame received (data, replies, bad input)
+- ``tickcast_gateway_ws_messages_total{channel}``: valid data messages received per exchange channel
 - ``tickcast_gateway_events_total{topic}`` and ``tickcast_gateway_events_per_second{topic}``
   (raw events accepted for publishing per Kafka topic; the rate over the last ~5 s)
 - ``tickcast_gateway_delivered_total``, ``..._dropped_total``, ``..._delivery_failed_total``
@@ -62,6 +63,11 @@ class GatewayCollector:
         m = CounterMetricFamily("tickcast_gateway_dead_letters", "Dead letters per error kind", labels=["kind"])
         for k, n in sorted(dict(pub.dead_letters).items()):
             m.add_metric([k], n)
+        yield m
+        m = CounterMetricFamily("tickcast_gateway_ws_frames", "WebSocket frames received (data, replies, bad input)",
+                                labels=["conn"])
+        for c in gw.connections:
+            m.add_metric([c.name], c.received)
         yield m
         m = CounterMetricFamily("tickcast_gateway_reconnects", "WebSocket reconnects", labels=["conn"])
         g = GaugeMetricFamily("tickcast_gateway_connected", "1 while the WebSocket is subscribed", labels=["conn"])

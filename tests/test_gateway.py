@@ -435,6 +435,7 @@ def test_metrics_endpoint_reports_the_counters(bootstrap):
     gw, body = asyncio.run(main())
     lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in body.splitlines() if ln and not ln.startswith("#")}
     assert lines['tickcast_gateway_ws_messages_total{channel="orderbook"}'] == 21
+    assert lines['tickcast_gateway_ws_frames_total{conn="ws0"}'] >= 24  # + ticker snapshot, garbage, acks
     assert lines['tickcast_gateway_events_total{topic="market.orderbook.delta"}'] == 20
     assert lines['tickcast_gateway_dead_letters_total{kind="malformed_json"}'] == 1
     assert 0 <= lines["tickcast_gateway_buffer_depth"] <= 10  # heartbeats keep flowing
