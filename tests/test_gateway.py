@@ -402,6 +402,9 @@ def test_a_refused_symbol_is_dead_lettered_and_does_not_silence_the_others(boots
     assert gw.connections[0].refused == {f"orderbook.50.{syms[1]}", f"publicTrade.{syms[1]}", f"tickers.{syms[1]}",
                                          f"kline.1.{syms[1]}"}
     assert len(gw.connections[0].topics) == 4
+    # heartbeats start with a symbol's first exchange time: none for the symbol that never streamed
+    assert gw.heartbeats > 0 and syms[1] not in gw.clocks and syms[1] not in gw.last_heartbeat
+    assert gw.publisher.next_seq.get(syms[1], 0) == 0
     dls = dead_letters(bootstrap, since, until=lambda d: any(x["error_kind"] == "subscribe_rejected" for x in d))
     assert any(syms[1] in d["reason"] and d["error_kind"] == "subscribe_rejected" for d in dls)
 
