@@ -120,10 +120,8 @@ def _key(name: str, rec: dict) -> str:
             "Ticker": lambda: str(rec["exchange_ts"])}[name]()
 
 
-@pytest.mark.shared_data
-@pytest.mark.parametrize("file,venue", [("linear_ws_raw.jsonl", "bybit.linear"), ("spot_ws_raw.jsonl", "bybit.spot")])
-def test_every_recorded_message_parses_into_the_right_events(shared_real, file, venue):
-    lines = _recording(shared_real, file)
+def check_every_message(lines: list[str], venue: str) -> tuple[BybitParser, Counter, int]:
+    """Each message gives exactly the events its raw JSON calls for, with the exchange's strings."""
     p = BybitParser(venue)
     counts = Counter()
     acks = 0
@@ -155,6 +153,28 @@ def test_every_recorded_message_parses_into_the_right_events(shared_real, file, 
             for (_, r), c in zip(evs, msg["data"]):
                 assert (r["open"], r["high"], r["low"], r["close"], r["volume"], r["turnover"], r["confirm"]) == \
                     (c["open"], c["high"], c["low"], c["close"], c["volume"], c["turnover"], c["confirm"])
+    return p, counts, acks
+
+
+def test_every_message_of_a_local_exchange_recording_parses(tmp_path):
+    """Fresh-clone coverage: what the local exchange's market model sends (all four channels)."""
+    from connectors.exchange.recording import record_model
+
+    path = tmp_path / "model.jsonl"
+    record_model(path, ["BTCUSDT", "POLUSDT"], seed=3, start_ms=1_786_310_760_000, seconds=70,
+                 prefixes=["orderbook.50", "publicTrade", "tickers", "kline.1"])
+    lines = path.read_text().splitlines()
+    p, counts, _ = check_every_message(lines, "sim.linear")
+    assert {k[1] for k in counts} >= {"OrderBookSnapshot", "OrderBookDelta", "Trade", "Ticker", "Kline"}
+    assert p.book_gaps == 0 and p.duplicate_trades == 0
+    assert any(json.loads(ln).get("data", [{}])[0].get("confirm") for ln in lines if '"kline.' in ln)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("file,venue", [("linear_ws_raw.jsonl", "bybit.linear"), ("spot_ws_raw.jsonl", "bybit.spot")])
+def test_every_recorded_message_parses_into_the_right_events(shared_real, file, venue):
+    lines = _recording(shared_real, file)
+    p, counts, acks = check_every_message(lines, venue)
     if file.startswith("linear"):
         # the counts SOURCES.md states for the linear recording
         assert acks == 17
