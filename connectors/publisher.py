@@ -253,12 +253,6 @@ class Publisher:
         self.accepted[topic] += 1
         return True
 
-    def publish_historical(self, name: str, rec: dict) -> None:
-        """A record of a historical load (REST backfill): gw_seq -1, not part of the live stream."""
-        rec["gw_seq"] = -1
-        self.producer.produce(RAW_TOPIC_OF[name], self._encode(name, rec), rec["symbol"])
-        self.accepted[RAW_TOPIC_OF[name]] += 1
-
     def _drop(self, name: str, rec: dict) -> None:
         self.dropped += 1
         now = time.monotonic()
