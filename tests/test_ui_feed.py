@@ -160,7 +160,7 @@ def test_session_streams_with_rollover_and_shows_states():
     dash.window.value = 60
     dash.tick()
     assert dash.symbol.value == "BTCUSDT"
-    assert "live-state-no_data" in dash.live_msg.object  # nothing for the symbol yet
+    assert "live-state-no_data" in dash.live_msg.div.text  # nothing for the symbol yet
     sizes = []
     for i in range(400):
         f.add_vector(vec("BTCUSDT", T0 + i * MIN, 100.0 + math.sin(i / 7), venue="sim.linear"))
@@ -173,19 +173,19 @@ def test_session_streams_with_rollover_and_shows_states():
     assert len(dash.src_fan.data["x"]) == 4 and dash.src_fan.data["x"][0] == T0 + 399 * MIN + 30_000
     actions = dash.src_signals.data["action"]
     assert set(actions) == {"BUY", "SELL"} and len(actions) == 3  # changes inside the 60-minute window
-    assert dash.live_msg.object == "" and "banner-simulated" in dash.banner.object
-    assert "data-testid=\"last-close-value\"" in dash.live_numbers.object
-    assert "live-features" in dash.live_features.object
+    assert dash.live_msg.div.text == "" and "banner-simulated" in dash.banner.div.text
+    assert "data-testid=\"last-close-value\"" in dash.live_numbers.div.text
+    assert "live-features" in dash.live_features.div.text
     dash.window.value = 30  # a new window redraws at its size
     assert len(dash.src_candles.data["x"]) == 30
     dash.symbol.value = "NODATAUSDT"
-    assert "live-state-no_data" in dash.live_msg.object and "NODATAUSDT" in dash.live_msg.object
+    assert "live-state-no_data" in dash.live_msg.div.text and "NODATAUSDT" in dash.live_msg.div.text
     assert dash.live_charts.visible is False  # an empty state, not a blank plot
     dash.symbol.value = "BTCUSDT"
     assert len(dash.src_candles.data["x"]) == 30 and dash.live_charts.visible
     f.api_error = "connection refused"
     dash.tick()
-    assert "banner-unreachable" in dash.banner.object and "live-state-unreachable" in dash.live_msg.object
+    assert "banner-unreachable" in dash.banner.div.text and "live-state-unreachable" in dash.live_msg.div.text
 
 
 def test_session_tabs_show_data_or_a_clear_empty_state():
@@ -202,7 +202,7 @@ def test_session_tabs_show_data_or_a_clear_empty_state():
     v = f.view(("backtest", "BTCUSDT", 100))
     v.error, v.status, v.rev = "HTTP 409: no champion model is loaded: nothing to backtest", 409, 1
     dash.tick()
-    assert "bt-empty" in dash.bt_msg.object and "no champion model" in dash.bt_msg.object
+    assert "bt-empty" in dash.bt_msg.div.text and "no champion model" in dash.bt_msg.div.text
     assert dash.bt_charts.visible is False
     rows = [{"origin_ts": T0 + i * MIN, "open": 100.0 + i, "close": 100.5 + i, "close_h_actual": None,
              "action": "BUY" if i > 2 else "FLAT", "position": 1.0 if i > 2 else 0.0} for i in range(10)]
@@ -212,15 +212,15 @@ def test_session_tabs_show_data_or_a_clear_empty_state():
                                          for i, r in enumerate(rows)], "config": {"capital": 10_000.0}}, None, 2
     dash.tick()
     assert len(dash.src_bt_candles.data["x"]) == 10 and len(dash.src_bt_trades.data["x"]) == 1
-    assert dash.bt_charts.visible and "+12.50" in dash.bt_stats.object and "60.0%" in dash.bt_stats.object
+    assert dash.bt_charts.visible and "+12.50" in dash.bt_stats.div.text and "60.0%" in dash.bt_stats.div.text
     dash.tabs.active = 2  # Strategy: not fetched yet
     dash.tick()
-    assert "Loading the strategy P&amp;L" in dash.st_msg.object
+    assert "Loading the strategy P&amp;L" in dash.st_msg.div.text
     dash.tabs.active = 3  # Model: no champion
     dash.tick()
-    assert "model-empty" in dash.model_card.object and "No champion model yet" in dash.model_card.object
+    assert "model-empty" in dash.model_card.div.text and "No champion model yet" in dash.model_card.div.text
     dash.tabs.active = 4  # Monitoring: health known, monitoring not yet
     f.health = {"status": "down", "components": {"model": {"status": "down", "detail": {"error": "no alias"}}}}
     dash.tick()
-    assert "mon-health" in dash.mon_health.object and "down" in dash.mon_health.object
-    assert "Loading monitoring" in dash.mon_symbols.object
+    assert "mon-health" in dash.mon_health.div.text and "down" in dash.mon_health.div.text
+    assert "Loading monitoring" in dash.mon_symbols.div.text

@@ -10,6 +10,7 @@ from typing import Any
 from ui.shaping import STATUS_COLORS, esc
 
 CSS = """
+.bk-clearfix{display:block!important;width:100%}
 .tc-banner{padding:8px 14px;border-radius:6px;margin:4px 0;font-weight:600;font-family:sans-serif}
 .tc-banner.sim{background:#fff3e0;color:#e65100;border:2px solid #ff9800}
 .tc-banner.error{background:#ffebee;color:#b71c1c;border:2px solid #e53935}
