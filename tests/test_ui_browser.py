@@ -103,12 +103,20 @@ class Publisher:
 
 
 def build_models(root: Path) -> dict[str, Path]:
-    from api import contract_model
+    """Two contract models (a BUY-leaning and a SELL-leaning one) that ship a training distribution
+    summary, so the API computes feature drift (PSI) for the Monitoring tab."""
+    from api import contract_model, drift
 
+    rng = random.Random(3)
+    train = {"log_return_1m": [rng.gauss(0, 0.001) for _ in range(2000)],
+             "range_rel_1m": [abs(rng.gauss(0.002, 0.0005)) for _ in range(2000)],
+             "body_rel_1m": [rng.gauss(0, 0.001) for _ in range(2000)]}
+    meta = {"feature_summary": drift.summarise(train)}
     up = contract_model.build(root / "up" / "model.onnx", VARIATES, lookback=L, horizon=H, drift=0.0006,
-                              direction_p=(0.1, 0.2, 0.7), model_name=MODEL, model_version="up")
+                              direction_p=(0.1, 0.2, 0.7), model_name=MODEL, model_version="up", extra_metadata=meta)
     down = contract_model.build(root / "down" / "model.onnx", VARIATES, lookback=L, horizon=H, drift=-0.0006,
-                                direction_p=(0.7, 0.2, 0.1), model_name=MODEL, model_version="down")
+                                direction_p=(0.7, 0.2, 0.1), model_name=MODEL, model_version="down",
+                                extra_metadata=meta)
     return {"up": up, "down": down}
 
 
@@ -329,6 +337,15 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
                 assert "live" in P.text("status-line")
                 P.shot("live")
 
+                # a second browser session: the dashboard still holds ONE SSE connection to the API
+                page2 = browser.new_page(viewport={"width": 1200, "height": 800})
+                page2.goto(f"http://127.0.0.1:{ui_port}/app", timeout=60_000)
+                P2 = Page(page2)
+                P2.wait(lambda: P2.n("live_candles") >= 15, 30, "candles in the second session")
+                stream = httpx.get(f"{api.base}/health", timeout=10).json()["components"]["stream"]["detail"]
+                assert stream["clients"] == 1, stream
+                page2.close()
+
                 # a symbol without data says so
                 page.locator("select").first.select_option(C)
                 P.wait(lambda: P.visible("live-state-no_data"), 15, "the no-data state of a symbol without data")
@@ -363,6 +380,7 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
                 health = P.text("mon-health")
                 assert "broker" in health and "model" in health
                 assert "inference" in P.text("mon-latency")
+                P.wait(lambda: P.visible("mon-psi") and "log_return_1m" in P.text("mon-psi"), 20, "feature drift")
                 P.shot("monitoring")
             finally:
                 state["stop"] = True
