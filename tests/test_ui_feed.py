@@ -112,11 +112,12 @@ def test_feed_forecasts_alerts_heartbeat_and_latency():
     feed_events(f, ("heartbeat", {"server_ts": 1, "last_event_id": 5, "model_version": "1", "gap": True}, None))
     assert f.heartbeat["gap"] is True and f.buf["ETHUSDT"].backfilled == 0.0  # events were lost: re-read
     bad = F.SSEParser()
-    for line in ["event: forecast", "data: {not json", ""]:
+    for line in ["event: forecast", "data: {not json", "", "event: signal", "data: [1, 2]", "",
+                 "event: alert", 'data: {"symbol": "ETHUSDT", "origin_ts": "soon"}', ""]:
         ev = bad.feed(line)
         if ev:
             f.on_event(ev)  # ignored, no exception
-    assert f.events_total == 6
+    assert f.events_total == 7 and f.alerts_list("ETHUSDT") == [alert]
 
 
 def test_feed_with_nothing_listening_says_unreachable():
@@ -224,3 +225,31 @@ def test_session_tabs_show_data_or_a_clear_empty_state():
     dash.tick()
     assert "mon-health" in dash.mon_health.div.text and "down" in dash.mon_health.div.text
     assert "Loading monitoring" in dash.mon_symbols.div.text
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_cli_is_light_and_registered(monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, ui.cli; "
+            "print(sorted(m for m in ('panel', 'bokeh', 'httpx', 'ui.dashboard') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    from typer.testing import CliRunner
+
+    from tickcast.cli import app
+    from ui.cli import resolve_api_url
+
+    out = CliRunner().invoke(app, ["ui", "--help"])
+    assert out.exit_code == 0 and "dashboard" in out.output
+    monkeypatch.setenv("TICKCAST_API_URL", "http://10.1.2.3:8123/")
+    assert resolve_api_url() == "http://10.1.2.3:8123"
+    assert resolve_api_url("http://x:1/") == "http://x:1"
+    monkeypatch.delenv("TICKCAST_API_URL")
+    monkeypatch.setenv("TICKCAST_API_HOST", "0.0.0.0")
+    monkeypatch.setenv("TICKCAST_API_PORT", "8111")
+    assert resolve_api_url() == "http://127.0.0.1:8111"

@@ -183,9 +183,12 @@ class LiveFeed:
                 detail = r.text[:200]
             raise ApiError(f"HTTP {r.status_code}: {detail}", r.status_code)
         try:
-            return r.json()
+            data = r.json()
         except ValueError:
             raise ApiError(f"HTTP {r.status_code}: not JSON", r.status_code) from None
+        if not isinstance(data, dict):  # every endpoint answers an object
+            raise ApiError(f"HTTP {r.status_code}: unexpected answer ({type(data).__name__})", r.status_code)
+        return data
 
     def _mark_api(self, err: ApiError | None) -> None:
         with self.lock:
@@ -221,8 +224,10 @@ class LiveFeed:
                             self.buf.setdefault(s, SymbolBuffers())
                         self.rev += 1
                 self._next["symbols"] = now + 30.0
-            except ApiError as exc:
-                self._mark_api(exc)
+            except (ApiError, KeyError, TypeError) as exc:
+                # without the symbol list nothing works: any failure here counts as "unreachable"
+                self._mark_api(ApiError(str(exc) if isinstance(exc, ApiError) else f"/symbols: unexpected answer "
+                                        f"({type(exc).__name__}: {exc})"))
                 self._next["symbols"] = now + 1.0
                 return
         if now >= self._next["health"]:
@@ -344,18 +349,21 @@ class LiveFeed:
                 return
         with self.lock:
             b = self.buf[sym]
-            for it in hist.get("items") or []:
+            items = [it for it in hist.get("items") or [] if isinstance(it, dict)
+                     and isinstance(it.get("origin_ts"), int)]
+            for it in items:
                 self._put_signal(b, {"symbol": sym, "origin_ts": it["origin_ts"], "action": it.get("action") or "FLAT",
                                      "strength": it.get("strength") or 0.0, "reason": it.get("signal_reason") or "",
                                      "model_version": it.get("model_version"), "degraded": it.get("status") != "served",
                                      "simulated": bool(it.get("simulated")), "issued_ts": it.get("issued_ts")})
             for a in alerts.get("items") or []:
-                self._put_alert(b, a)
-            self._put_candles(b, S.candles_from_history(hist.get("items") or []))
-            if latest:
-                if latest.get("forecast"):
+                if isinstance(a, dict) and isinstance(a.get("origin_ts"), int):
+                    self._put_alert(b, a)
+            self._put_candles(b, S.candles_from_history(items))
+            if isinstance(latest, dict):
+                if isinstance(latest.get("forecast"), dict) and isinstance(latest["forecast"].get("origin_ts"), int):
                     self._put_forecast(b, latest["forecast"])
-                if latest.get("signal"):
+                if isinstance(latest.get("signal"), dict) and isinstance(latest["signal"].get("origin_ts"), int):
                     self._put_signal(b, latest["signal"])
                     if not latest.get("forecast"):
                         b.latest_signal = {**latest["signal"], "status": latest.get("status"),
@@ -433,6 +441,8 @@ class LiveFeed:
         try:
             data = json.loads(ev["data"]) if ev.get("data") else {}
         except ValueError:
+            return
+        if not isinstance(data, dict):
             return
         kind = ev.get("event")
         now_us = time.time_ns() // 1000
