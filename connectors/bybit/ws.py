@@ -131,16 +131,14 @@ class BybitConnection:
 
     async def run(self) -> None:
         """Connect, subscribe, read; reconnect with backoff until ``stop()``."""
-        from websockets.asyncio.client import connect
+        from connectors.bybit.transport import FrameStream
 
         attempt = 0
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                async with asyncio.timeout(self.connect_timeout_s):
-                    # max_queue: frames read ahead while a message is processed (fewer read pauses)
-                    ws = await connect(self.url, ping_interval=None, max_size=2 ** 24, max_queue=512,
-                                       close_timeout=2, compression=None)
+                ws = await FrameStream.open(self.url, self._on_text, on_data=self._on_data,
+                                            timeout=self.connect_timeout_s)
             except Exception as exc:  # noqa: BLE001 - DNS, TLS, refused, timeout, bad handshake: all retried
                 self._failures += 1
                 self.on_event("connect_failed", self, {"error": repr(exc)})
@@ -159,7 +157,10 @@ class BybitConnection:
                     log.info("connected and subscribed", extra={
                         "conn": self.name, "url": self.url, "counts": {"topics": len(self.topics),
                                                                          "reconnects": self.reconnects}})
-                    await self._read(ws)
+                    code = await self._read(ws)
+                    if not self._stop.is_set():
+                        log.warning("the exchange closed the connection", extra={"conn": self.name,
+                                                                                 "close_code": code})
                 except Exception as exc:  # noqa: BLE001 - whatever ended the socket, reconnect
                     if not self._stop.is_set():
                         log.warning("connection lost", extra={"conn": self.name, "error": repr(exc)})
@@ -180,16 +181,19 @@ class BybitConnection:
             except TimeoutError:
                 pass
 
-    async def _read(self, ws) -> None:
+    def _on_data(self) -> None:
+        self.last_recv = time.monotonic()
+
+    def _on_text(self, raw: str) -> None:
+        """Every message, in order, straight from the transport's ``data_received``."""
+        self.received += 1
+        self.on_message(raw, time.time_ns() // 1000, self)
+
+    async def _read(self, ws) -> int | None:
+        """Until the connection ends (messages are delivered by the transport meanwhile)."""
         pinger = asyncio.create_task(self._pinger(ws))
-        on_message = self.on_message
         try:
-            async for raw in ws:
-                self.last_recv = time.monotonic()
-                self.received += 1
-                if type(raw) is not str:  # Bybit sends text frames only; keep the bytes for the dead letter
-                    raw = raw.decode("utf-8", "surrogateescape")
-                on_message(raw, time.time_ns() // 1000, self)
+            return await ws.wait_closed()
         finally:
             pinger.cancel()
 
