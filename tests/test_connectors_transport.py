@@ -74,6 +74,7 @@ def test_the_server_closing_ends_the_stream_with_its_code():
 
 
 def test_a_refused_handshake_and_a_vanished_peer_raise():
+    from websockets.exceptions import InvalidStatus
     from websockets.http11 import Response
 
     async def refuse(connection, request):
@@ -85,13 +86,13 @@ def test_a_refused_handshake_and_a_vanished_peer_raise():
 
     async def main():
         server, url = await serve(lambda ws: None, process_request=refuse)
-        with pytest.raises(Exception) as err:
+        with pytest.raises(InvalidStatus) as err:
             await FrameStream.open(url, print)
         server.close()
         server2, url2 = await serve(handler)
         got = []
         stream = await FrameStream.open(url2, got.append)
-        with pytest.raises(Exception):
+        with pytest.raises(StreamClosed, match="1006"):
             await asyncio.wait_for(stream.wait_closed(), 5)
         server2.close()
         return err.value, got
