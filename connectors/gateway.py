@@ -215,7 +215,8 @@ class Gateway:
 
         from tickcast.kafka import consumer_config
 
-        consumer = Consumer(consumer_config(self.bootstrap, "tickcast-gateway-control"))
+        # resync requests are rare and 100 ms is soon enough: no 1 ms fetch loop on an idle topic
+        consumer = Consumer(consumer_config(self.bootstrap, "tickcast-gateway-control", low_latency=False))
         consumer.assign([TopicPartition(CONTROL, 0, OFFSET_END)])
         return consumer
 
