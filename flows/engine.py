@@ -636,7 +636,8 @@ class SymbolEngine:
         out.append(("features", {
             "symbol": self.symbol, "venue": self.venue, "cadence": "m1", "window_end": end,
             "registry_hash": self.registry_hash, "values": values, "nulls": nulls, "book_valid": False,
-            "event_count": 0, "last_gw_seq": rec["gw_seq"], "close_recv_ts": rec["recv_ts"], "emit_ts": 0}))
+            "event_count": 0, "last_gw_seq": rec["gw_seq"], "close_recv_ts": rec["recv_ts"], "emit_ts": 0,
+            "history": True}))
 
     def _vector(self, ctx: WindowContext, cadence: str, period: int, rec: dict) -> dict:
         ctx.cadence = cadence
@@ -665,7 +666,7 @@ class SymbolEngine:
             "symbol": self.symbol, "venue": self.venue, "cadence": cadence, "window_end": ctx.window_end,
             "registry_hash": self.registry_hash, "values": values, "nulls": nulls,
             "book_valid": bool(ctx.book.valid), "event_count": events, "last_gw_seq": rec["gw_seq"],
-            "close_recv_ts": rec["recv_ts"], "emit_ts": 0,
+            "close_recv_ts": rec["recv_ts"], "emit_ts": 0, "history": False,
         }
 
 

@@ -305,6 +305,7 @@ def test_history_klines_give_history_vectors_and_warm_candle_variates():
     history = [r for r in m1 if r["window_end"] <= start]
     live = [r for r in m1 if r["window_end"] > start]
     assert [r["window_end"] for r in history] == [start - k * 60_000 for k in range(69, -1, -1)]
+    assert all(r["history"] for r in history) and not any(r["history"] for r in live)
     assert eng.counters["history_vectors"] == 70
     last = history[-1]
     assert last["values"]["rv_60m"] is not None and last["values"]["close"] == float(f"{price:.1f}")
