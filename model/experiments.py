@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="kline.yaml")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tag", default="")
+    ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     import torch
 
@@ -71,8 +72,10 @@ def main(argv=None) -> int:
             _record({"what": name, "tag": args.tag, "lookback": cfg.lookback, "val": _summ(m),
                      "params": getattr(bl["_fitted"][name], "params", {}) if name in bl["_fitted"] else {}})
     else:
-        model, info = fit_model(w, sp.train, sp.val, cfg, progress=False)
+        model, info = fit_model(w, sp.train, sp.val, cfg, progress=args.progress)
         fc = predict(model, w, sp.val)
+        if args.tag:
+            np.savez_compressed(OUT.parent / f"val_fc_{args.tag}.npz", origins=sp.val, **fc)
         m = evaluate_forecasters(w, {"it": fc}, sp.val, cfg.quantiles)["it"]
         print(json.dumps(_summ(m)), f"dir3={m['direction']['acc3']:.4f}")
         _record({"what": "itransformer", "tag": args.tag, "config": {k: v for k, v in cfg.to_dict().items()

@@ -64,6 +64,10 @@ class ModelConfig:
     range_variate: str = "range_rel_1m"
     flat_threshold: float = 0.001
     feed_scale_to_heads: bool = True
+    # an extra token carrying the normalisation statistics (the "de-stationary factors" of the
+    # authors' Non-stationary Transformer): per value variate mean/std and log(std / sigma_r), and
+    # log(sigma_r); per-variate normalisation alone hides how the variates' scales relate
+    stat_token: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -212,6 +216,7 @@ class ITransformer(nn.Module):
         self.mid = qs.index(0.5)
         self.embed = InvertedEmbedding(cfg.lookback, cfg.d_model, cfg.dropout)
         self.encoder = Encoder(cfg.d_model, cfg.n_heads, cfg.e_layers, cfg.d_ff, cfg.dropout, cfg.activation)
+        self.stat_embed = nn.Linear(2 * len(self.value_idx) + 1, cfg.d_model) if cfg.stat_token else None
         extra = 1 if cfg.feed_scale_to_heads else 0
         self.head_path = nn.Linear(cfg.d_model + extra, H * Q)
         self.head_rv = nn.Linear(cfg.d_model + extra, Q)
@@ -231,10 +236,17 @@ class ITransformer(nn.Module):
         xn, mean, std = per_window_norm(xv)
         if self.time_idx:
             xn = torch.cat([xn, x.index_select(2, self.time_sel)], dim=2)
-        enc = self.encoder(self.embed(xn))  # [B, N(+T), d]
+        tokens = self.embed(xn)  # [B, N(+T), d]
+        sigma_r = torch.clamp(std[:, 0, self.ret_tok], min=SCALE_FLOOR)  # [B]
+        if self.stat_embed is not None:
+            m, sd = mean[:, 0], std[:, 0]
+            stats = torch.cat([torch.clamp(m / sd, -10.0, 10.0),
+                               torch.log(sd) - torch.log(sigma_r).unsqueeze(1),
+                               (torch.log(sigma_r) - math.log(cfg.flat_threshold)).unsqueeze(1)], dim=1)
+            tokens = torch.cat([tokens, self.stat_embed(stats).unsqueeze(1)], dim=1)
+        enc = self.encoder(tokens)
         ret_tok = enc[:, self.ret_tok]
         rng_tok = enc[:, self.rng_tok]
-        sigma_r = torch.clamp(std[:, 0, self.ret_tok], min=SCALE_FLOOR)  # [B]
         rng_mean = torch.clamp(mean[:, 0, self.rng_tok].abs(), min=SCALE_FLOOR)
         sqrt_H = math.sqrt(H)
         log_scale = torch.log(sigma_r * sqrt_H / cfg.flat_threshold).unsqueeze(1)  # [B, 1]

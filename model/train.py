@@ -44,6 +44,7 @@ class TrainConfig:
     dropout: float = 0.1
     use_time_tokens: bool = True
     feed_scale_to_heads: bool = True
+    stat_token: bool = False
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -67,7 +68,7 @@ class TrainConfig:
                            quantiles=list(self.quantiles), d_model=self.d_model, n_heads=self.n_heads,
                            e_layers=self.e_layers, d_ff=self.d_ff, dropout=self.dropout,
                            use_time_tokens=self.use_time_tokens, flat_threshold=self.flat_threshold,
-                           feed_scale_to_heads=self.feed_scale_to_heads)
+                           feed_scale_to_heads=self.feed_scale_to_heads, stat_token=self.stat_token)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "TrainConfig":
@@ -439,7 +440,7 @@ def quick_champion(dataset_or_klines, settings=None, time_budget_s: float = 150.
         v, p = registry.champion_onnx_path(settings)
         return {"version": v, "onnx": str(p), "skipped": "a champion exists"}
     cfg = TrainConfig.load(CONFIG_DIR / "quick.yaml")
-    cfg.time_budget_s = max(20.0, time_budget_s - 35.0)  # leave time for export and registration
+    cfg.time_budget_s = max(5.0, time_budget_s - 35.0)  # leave time for export and registration
     cfg.threads = min(2, os.cpu_count() or 1)
     ds = dataset_or_klines
     if isinstance(ds, pd.DataFrame):
