@@ -17,6 +17,7 @@ exchange timestamp.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class GatewayConfig:
     resync_min_interval_s: float = 1.0
     control: bool = True  # listen on tickcast.control
     metrics_port: int | None = None  # Prometheus /metrics (0: a free port); None: off
+    # closed 1-minute klines of the last N minutes published at start as live Kline events (REST):
+    # the feature flow turns them into history vectors, so lookbacks are full from the first minute
+    history_minutes: int = 70
     metrics_addr: str = "127.0.0.1"
     producer_overrides: dict = field(default_factory=dict)
 
@@ -307,6 +311,37 @@ class Gateway:
                 "resyncs": self.resyncs, "subscribe_errors": self.subscribe_errors}
 
     # -- running --------------------------------------------------------------------------------
+    async def publish_history(self, timeout_s: float = 20.0) -> int:
+        """Publish the closed 1-minute klines of the last ``history_minutes`` of every symbol (REST)
+        as live, confirmed Kline events, before the WebSocket data: the stream then starts with
+        enough candle history for every per-minute variate and lookback. A failure is logged and the
+        gateway goes on without history (the features warm up from live data instead)."""
+        minutes = self.config.history_minutes
+        if not minutes or self.rest is None:
+            return 0
+        from connectors.rest import RestError, kline_record
+
+        now = now_us()
+        end = now // 1000 - 60_000
+        published = 0
+        for sym in self.symbols:
+            try:
+                rows = await asyncio.wait_for(self.rest.klines(sym, end - minutes * 60_000, end), timeout_s)
+            except (RestError, TimeoutError, OSError, ValueError) as exc:
+                log.warning("start-up kline history unavailable: features warm up from live data",
+                            extra={"symbol": sym, "error": str(exc)[:300]})
+                continue
+            for row in rows:
+                try:
+                    rec = kline_record(sym, self.config.venue, row, "1")
+                except ParseError as exc:
+                    self._dead(exc, json.dumps(row))
+                    continue
+                rec["exchange_ts"], rec["recv_ts"] = now // 1000, now  # published now, as live events
+                published += self.publisher.publish("Kline", rec)
+            log.info("start-up kline history published", extra={"symbol": sym, "counts": {"klines": len(rows)}})
+        return published
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then close the sockets and flush the producer."""
         self.stop_event = stop
@@ -316,6 +351,7 @@ class Gateway:
             self.metrics = GatewayMetrics(self)
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
             log.info("metrics served", extra={"url": f"http://{self.config.metrics_addr}:{self.metrics_port}/metrics"})
+        await self.publish_history()
         tasks = [asyncio.create_task(c.run(), name=c.name) for c in self.connections]
         tasks.append(asyncio.create_task(self._heartbeats(stop), name="heartbeats"))
         tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))

@@ -258,3 +258,36 @@ def test_source_local_and_the_exchanges_mempool_feed(own_bootstrap):
     assert len(recs) >= 3 and all(r["chain"] == "BTC" and r["tx_count"] and r["vsize"] for r in recs)
     assert any(r["fee_fastest"] for r in recs)
     assert json.dumps(recs[-1])  # plain values only
+
+
+def test_startup_history_klines_come_first_as_live_events(own_bootstrap):
+    """At start the gateway publishes the last closed 1-minute klines (REST) as confirmed live Kline
+    events with gw_seq, ahead of the WebSocket data: the feature flow's lookback is full at once."""
+    from connectors.rest import BybitRest
+
+    syms = ["LTCUSDT"]
+
+    async def main():
+        drv = ModelDriver(syms, seed=5, speed=0.0, history_days=1, duration_s=3.0, autostart=False)  # starts now
+        async with LocalExchange(drv, instruments=GEN, mempool=False) as ex:
+            async with BybitRest(ex.base_url, rate_per_s=50) as rest:
+                next_seq = await wait_restore(own_bootstrap, syms, SERDE, max_wait_s=10)
+                gw = Gateway(gw_config(ex, syms, history_minutes=15), own_bootstrap, next_seq=next_seq, rest=rest)
+                stop = asyncio.Event()
+                task = asyncio.create_task(gw.run(stop))
+                await until(lambda: gw.publisher.counts()["delivered"] >= 15, 30)
+                ex.driver.start()
+                await drain(gw, ex)
+                stop.set()
+                await task
+            return next_seq.get("LTCUSDT", 0)
+
+    first_seq = run(main())
+    recs = read_back(own_bootstrap, {"LTCUSDT"})
+    ordered = sorted((r for _, _, r in recs if r["gw_seq"] >= first_seq), key=lambda r: r["gw_seq"])
+    history = ordered[:15]
+    assert all(r["interval"] == "1" and r["confirm"] for r in history), [r.get("interval") for r in history]
+    starts = [r["start_ts"] for r in history]
+    assert starts == sorted(starts) and all(b - a == 60_000 for a, b in zip(starts, starts[1:]))
+    assert [r["gw_seq"] for r in history] == list(range(first_seq, first_seq + 15))
+    assert all(r["exchange_ts"] >= r["end_ts"] for r in history)  # published now, after each candle closed
