@@ -53,7 +53,7 @@ class GatewayConfig:
     metrics_port: int | None = None  # Prometheus /metrics (0: a free port); None: off
     # closed 1-minute klines of the last N minutes published at start as live Kline events (REST):
     # the feature flow turns them into history vectors, so lookbacks are full from the first minute
-    history_minutes: int = 70
+    history_minutes: int = 240  # >= the longest model lookback (120) + the candle warm-up (62)
     metrics_addr: str = "127.0.0.1"
     producer_overrides: dict = field(default_factory=dict)
 
