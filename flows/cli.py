@@ -77,7 +77,9 @@ def features(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"
              process_id: int = typer.Option(None, "--process-id", "-i", help="this process in a cluster"),
              addresses: str = typer.Option(None, "--addresses", "-a", help="host:port of every process, comma-separated"),
              workers: int = typer.Option(1, "--workers", "-w", help="worker threads per process"),
-             from_end: bool = typer.Option(False, "--from-end", help="without recovery state, start at the topics' end")) -> None:
+             from_end: bool = typer.Option(False, "--from-end", help="without recovery state, start at the topics' end"),
+             metrics_port: int = typer.Option(None, help="Prometheus /metrics port (+ process id); default "
+                                                         "TICKCAST_FEATURES_METRICS_PORT, 0: off")) -> None:
     """Run the online feature flow: raw topics -> order books and windowed features -> features.live."""
     from flows.online_features import run
     from flows.registry import RegistryError, load_registry
@@ -94,7 +96,8 @@ def features(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"
     try:
         run(bootstrap, registry_path=registry, recovery_dir=recovery_dir or None, snapshot_s=snapshot_s,
             process_id=process_id, addresses=addresses.split(",") if addresses else None, workers=workers,
-            from_end=from_end)
+            from_end=from_end,
+            metrics_port=(_settings().features_metrics_port if metrics_port is None else metrics_port) or None)
     except KeyboardInterrupt:
         pass
 

@@ -94,13 +94,17 @@ def _engine_step(registry_path: str | None, requester: str):
 
     watcher = RegistryWatcher(str(registry_path or DEFAULT_PATH))
 
+    from flows import metrics
+
     def step(engine, batch):
         registry = watcher.poll()
         if engine is None:
             engine = SymbolEngine(batch[0][1]["symbol"], registry, requester)
         elif engine.registry_hash != registry.hash:
             engine.reload(registry)
-        return engine, engine.process(batch)
+        out = engine.process(batch)
+        metrics.export(engine, out, len(batch))
+        return engine, out
 
     return step
 

@@ -27,6 +27,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.dataflow import DEAD_LETTER_KEY
+from flows.metrics import LATENCY
 from tickcast.kafka import consumer_config, producer_config
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError, default_serde
@@ -195,6 +196,8 @@ class _ProducerPartition(StatelessSinkPartition):
         for key, rec in items:
             if self.stamp_emit:
                 rec["emit_ts"] = now
+                if not rec.get("history"):
+                    LATENCY.labels(rec["cadence"]).observe(max(0, now - rec["close_recv_ts"]) / 1e6)
             while True:
                 try:
                     produce(self.topic, key=key.encode(), value=encode(self.schema, rec))

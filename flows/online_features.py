@@ -40,11 +40,17 @@ def get_flow(bootstrap: str | None = None, registry_path: str | None = None, fro
 
 def run(bootstrap: str | None = None, *, registry_path: str | None = None, recovery_dir: str | None = None,
         snapshot_s: float = 5.0, process_id: int | None = None, addresses: list[str] | None = None,
-        workers: int = 1, from_end: bool = False) -> None:
+        workers: int = 1, from_end: bool = False, metrics_port: int | None = None) -> None:
+    import os
+
     from bytewax._bytewax import cli_main
     from bytewax.recovery import RecoveryConfig, init_db_dir
 
     from tickcast.logs import get_logger
+
+    if metrics_port:  # Bytewax's dataflow API: /metrics (its step metrics + ours), /dataflow
+        os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
+        os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(metrics_port + (process_id or 0))
 
     flow = get_flow(bootstrap, registry_path, from_end)
     recovery = None
@@ -55,7 +61,8 @@ def run(bootstrap: str | None = None, *, registry_path: str | None = None, recov
             init_db_dir(db, 1)
         recovery = RecoveryConfig(db)
     get_logger("features").info("online feature flow starting", extra={
-        "recovery": str(recovery_dir), "process_id": process_id, "addresses": addresses})
+        "recovery": str(recovery_dir), "process_id": process_id, "addresses": addresses,
+        "metrics": f"http://127.0.0.1:{metrics_port + (process_id or 0)}/metrics" if metrics_port else None})
     cli_main(flow, workers_per_process=workers, process_id=process_id, addresses=addresses,
              epoch_interval=timedelta(seconds=snapshot_s), recovery_config=recovery)
 
@@ -70,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-a", "--addresses", help="comma-separated host:port of every process")
     p.add_argument("-w", "--workers", type=int, default=1)
     p.add_argument("--from-end", action="store_true", help="without recovery state, start at the topics' end")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Prometheus /metrics on this port (+ process id); 0: off")
     a = p.parse_args(argv)
     run(a.bootstrap, registry_path=a.registry, recovery_dir=a.recovery_dir or None, snapshot_s=a.snapshot_s,
         process_id=a.process_id, addresses=a.addresses.split(",") if a.addresses else None, workers=a.workers,
-        from_end=a.from_end)
+        from_end=a.from_end, metrics_port=a.metrics_port or None)
 
 
 if __name__ == "__main__":

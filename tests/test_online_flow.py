@@ -125,16 +125,29 @@ def test_two_process_cluster_partitions_by_symbol_and_equals_the_engine(tmp_path
 
     per, events = merged_events(20)
     ref = reference(per)
+    import urllib.request
+
     addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    metrics_port = free_port()
     with EmbeddedBroker() as broker, open(tmp_path / "flow.log", "ab") as log:
         producer = Producer(producer_config(broker.bootstrap))
         produce(producer, events)
         procs = [subprocess.Popen([sys.executable, "-m", "flows.online_features", "--bootstrap", broker.bootstrap,
-                                   "--recovery-dir", "", "-i", str(i), "-a", addresses],
+                                   "--recovery-dir", "", "-i", str(i), "-a", addresses,
+                                   "--metrics-port", str(metrics_port)],
                                   stdout=log, stderr=subprocess.STDOUT) for i in range(2)]
         collector = Collector(broker.bootstrap)
         try:
             collector.poll(60, until=lambda: set(ref) <= set(collector.features))
+            # each process serves Prometheus metrics on metrics_port + its index; together they
+            # counted every vector (the engines are spread over the processes by symbol)
+            vectors = 0.0
+            for i in range(2):
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port + i}/metrics", timeout=5).read().decode()
+                vectors += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                               if line.startswith("tickcast_features_vectors_total{"))
+                assert "tickcast_features_latency_seconds_bucket" in text and "bytewax_" in text
+            assert vectors >= len(ref)
         finally:
             for p in procs:
                 p.kill()

@@ -159,6 +159,8 @@ class Settings(BaseSettings):
             return {k.strip().upper(): v.strip() for k, _, v in (p.partition("=") for p in value.split(",") if p.strip())}
         return value
 
+    features_metrics_port: int = Field(9103, ge=0, le=65535, validation_alias=_env("features_metrics_port"),
+                                       description="feature flow's Prometheus /metrics (Bytewax dataflow API); 0: off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
 
     @field_validator("symbols", "cors_origins", mode="before")

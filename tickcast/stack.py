@@ -195,7 +195,9 @@ def pipeline_components(settings: Settings, env: dict) -> list[Component]:
     recovery = str(Path(settings.data_dir) / "recovery" / "features")
     return [
         Component("archive", TICKCAST + ["archive"], env),
-        Component("features", TICKCAST + ["features", "--recovery-dir", recovery], env),
+        Component("features", TICKCAST + ["features", "--recovery-dir", recovery], env,
+                  health=f"http://127.0.0.1:{settings.features_metrics_port}/metrics"
+                  if settings.features_metrics_port else None),
     ]
 
 
