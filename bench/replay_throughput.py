@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.lake import BRONZE, TABLE_OF_TOPIC, Lake, rows_to_arrow, with_meta  # noqa: E402
-from tickcast.topics import RAW_TOPIC_OF  # noqa: E402
+from flows.lake import BRONZE, TABLE_OF_TOPIC, Lake, rows_to_arrow, with_meta
+from tickcast.topics import RAW_TOPIC_OF
 
 DAY0 = 1_786_233_600_000  # 2026-08-09 00:00:00 UTC
 HOUR = 3_600_000
@@ -156,7 +156,7 @@ def decode_only(lake: Lake, symbols: list[str], lo: int, hi: int) -> tuple[int, 
     floor): no gw_seq merge, no dataflow, no features."""
     import pyarrow.compute as pc
 
-    from flows.lake import batch_to_records, dates_between
+    from flows.lake import dates_between
     from flows.replay_source import REPLAY_TABLES
 
     n = 0

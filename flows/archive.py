@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from bytewax import operators as op
@@ -34,7 +34,15 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from flows.lake import ARCHIVED_TOPICS, BRONZE, DEAD_LETTER_TABLE, TABLE_OF_TOPIC, Lake, rows_to_arrow, with_meta
+from flows.lake import (
+    ARCHIVED_TOPICS,
+    BRONZE,
+    DEAD_LETTER_TABLE,
+    TABLE_OF_TOPIC,
+    Lake,
+    rows_to_arrow,
+    with_meta,
+)
 from tickcast.logs import get_logger
 
 log = get_logger("archive")
@@ -144,9 +152,12 @@ class _KafkaIndexPartition(StatefulSourcePartition[RawMessage, None]):
         self._awake: datetime | None = None
         self._pos: dict[tuple[str, int], int] = {}
         self._high: dict[tuple[str, int], int] = {}
-        if cfg.stop_at_end:
-            for (t, p), o in starts.items():
-                low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+        for (t, p), o in starts.items():
+            low, high = self._consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)
+            if o >= 0 and o < low:  # Kafka's retention deleted messages the archive never saw
+                log.error("messages expired in Kafka before they were archived", extra={
+                    "topic": t, "partition": p, "counts": {"lost": low - o}, "resume_offset": o, "low": low})
+            if cfg.stop_at_end:
                 self._high[(t, p)] = high
                 self._pos[(t, p)] = max(o, low)
         log.info("archive partition assigned", extra={"counts": {"topic_partitions": len(tps)},
@@ -177,7 +188,7 @@ class _KafkaIndexPartition(StatefulSourcePartition[RawMessage, None]):
                 for tp in self._consumer.position([TopicPartition(t, p) for t, p in self._high]):
                     if tp.offset >= 0:
                         self._pos[(tp.topic, tp.partition)] = max(self._pos[(tp.topic, tp.partition)], tp.offset)
-            self._awake = datetime.now(timezone.utc) + timedelta(seconds=self._cfg.idle_sleep_s)
+            self._awake = datetime.now(UTC) + timedelta(seconds=self._cfg.idle_sleep_s)
         else:
             self._awake = None
         return out

@@ -39,10 +39,11 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS, kline_variates
-from flows.lake import DAY_MS, Lake, date_of_ms, dates_between
+from flows.lake import DAY_MS, Lake, dates_between
 from flows.targets import DEFAULT_FLAT_THRESHOLD, HORIZON, forward_targets, triple_barrier
 from tickcast.logs import get_logger
 
@@ -100,12 +101,12 @@ def parse_time_ms(value: Any, name: str) -> int:
     else:
         raise DatasetError(f"{name}: expected a time, got {type(value).__name__}")
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(round(dt.timestamp() * 1000))
 
 
 def iso_ms(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class LabelConfig:
     triple_barrier: bool = False
     barrier_k: float = 1.0  # barriers at C_t * exp(+-k * sigma_t), sigma_t = rv_60m_t * sqrt(N / 60)
 
-    def validate(self) -> "LabelConfig":
+    def validate(self) -> LabelConfig:
         if not isinstance(self.horizon, int) or isinstance(self.horizon, bool) or not 1 <= self.horizon <= 1440:
             raise DatasetError(f"horizon must be an integer number of minutes in 1..1440, got {self.horizon!r}")
         if not (isinstance(self.flat_threshold, (int, float)) and math.isfinite(self.flat_threshold)
@@ -138,7 +139,7 @@ class DatasetSpec:
     raw_versions: dict[str, int] | None = None  # pin table versions (time travel); None: current
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DatasetSpec":
+    def from_dict(cls, d: dict) -> DatasetSpec:
         if isinstance(d, DatasetSpec):
             return d.validate()
         if not isinstance(d, dict):
@@ -171,7 +172,7 @@ class DatasetSpec:
                    raw_versions=dict(d["raw_versions"]) if d.get("raw_versions") else None)
         return spec.validate()
 
-    def validate(self) -> "DatasetSpec":
+    def validate(self) -> DatasetSpec:
         syms = []
         for s in self.symbols:
             u = str(s).strip().upper()
@@ -255,7 +256,7 @@ def load_candles(lake: Lake, symbol: str, lo: int, hi: int, *, version: int | No
     grid = np.arange(lo, hi, MINUTE_MS, dtype=np.int64)
     n = len(grid)
     cols = ["start_ts", "open", "high", "low", "close", "volume", "venue", "gw_seq", "exchange_ts", "recv_ts"]
-    expr = ((pc.field("interval") == "1") & (pc.field("confirm") == True)  # noqa: E712
+    expr = ((pc.field("interval") == "1") & (pc.field("confirm") == True)
             & (pc.field("start_ts") >= lo) & (pc.field("start_ts") < hi))
     if venues:
         expr = expr & pc.field("venue").isin(list(venues))
@@ -452,8 +453,9 @@ def build_dataset(spec: DatasetSpec | dict, *, lake: Lake | None = None, data_di
         if vectors_by_symbol is None:
             from flows.offline_replay import replay_vectors  # the replay of the archive (part 3)
 
+            root.mkdir(parents=True, exist_ok=True)  # the replay's scratch space lives next to the datasets
             vectors_by_symbol, registry_hash = replay_vectors(lake, spec.symbols, spec.period_from, spec.period_to,
-                                                              versions=versions, progress=progress)
+                                                              versions=versions, progress=progress, work_dir=root)
         if not registry_hash:
             raise DatasetError("a features dataset needs the registry hash of its vectors")
         chash = code_hash(CODE_FILES + FEATURE_CODE_FILES)

@@ -24,17 +24,16 @@ become dead-letter rows with the reason and the raw line, once.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from flows.lake import BRONZE, DAY_MS, DEAD_LETTER_TABLE, Lake, dates_between, rows_to_arrow, with_meta
@@ -53,7 +52,7 @@ _DECIMAL = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
 _FILE_NAME = re.compile(r"^([A-Z0-9]+)_(\d+[mhdw]?|D|W)(?:_|\.|$)", re.IGNORECASE)
 HISTORY_GW_SEQ = -1
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class HistoryError(ValueError):
@@ -119,7 +118,7 @@ def _parse_ts(text: str) -> int:
         return int(t)
     dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return (dt - _EPOCH) // timedelta(milliseconds=1)
 
 
@@ -285,7 +284,7 @@ def read_funding_csv(path: str | Path, *, symbol: str | None = None, venue: str 
 def _existing_kline_keys(lake: Lake, symbol: str, interval: str, lo: int, hi: int) -> set[int]:
     dates = dates_between(lo - DAY_MS, hi + INTERVAL_MS[interval] + DAY_MS)
     at = lake.read("raw_kline", symbols=[symbol], dates=dates, columns=["start_ts"],
-                   filter=(pc.field("interval") == interval) & (pc.field("confirm") == True)  # noqa: E712
+                   filter=(pc.field("interval") == interval) & (pc.field("confirm") == True)
                    & (pc.field("start_ts") >= lo) & (pc.field("start_ts") <= hi))
     return set(at.column("start_ts").to_pylist())
 

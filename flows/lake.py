@@ -28,8 +28,9 @@ import os
 import posixpath
 import re
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -223,7 +224,7 @@ class Lake:
     storage_options: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_settings(cls, settings=None) -> "Lake":
+    def from_settings(cls, settings=None) -> Lake:
         if settings is None:
             from tickcast.config import get_settings
 
@@ -299,7 +300,6 @@ class Lake:
     def read(self, table: str, *, symbols: Sequence[str] | None = None, dates: Sequence[str] | None = None,
              columns: Sequence[str] | None = None, filter=None, version: int | None = None) -> pa.Table:
         """Rows of a table with partition pruning on symbols/dates plus an optional pyarrow filter."""
-        import pyarrow.compute as pc
 
         ds = self.dataset(table, version)
         if ds is None:

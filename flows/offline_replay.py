@@ -24,9 +24,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,7 +50,7 @@ class _Part:
     """Column buffers of one (cadence, symbol) part; the feature names of its first vector fix the
     columns (a vector with other names starts a new part)."""
 
-    __slots__ = ("names", "meta", "values", "nulls", "n")
+    __slots__ = ("meta", "n", "names", "nulls", "values")
 
     def __init__(self, names: tuple):
         self.names = names

@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from tickcast.logs import get_logger
 

@@ -21,9 +21,9 @@ before ``start_ms`` (looking back at most ``book_lookback_ms``), else at the fir
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,8 +65,22 @@ def _open_batches(f: _File, columns: list[str], batch_size: int):
 class _Stream:
     """One bronze file as a gw_seq-sorted stream of record batches."""
 
-    __slots__ = ("table", "schema_name", "names", "fields", "it", "seq", "ets", "recs", "pos", "done", "symbol",
-                 "lo_seq", "batch_size", "read_rows")
+    __slots__ = (
+        "batch_size",
+        "done",
+        "ets",
+        "fields",
+        "it",
+        "lo_seq",
+        "names",
+        "pos",
+        "read_rows",
+        "recs",
+        "schema_name",
+        "seq",
+        "symbol",
+        "table",
+    )
 
     def __init__(self, f: _File, symbol: str, lo_seq: int, batch_size: int):
         t = BRONZE[f.table]
@@ -215,7 +229,7 @@ def _relative(frag_path: str, stats: dict) -> str:
 
 
 def merged_events(lake: Lake, symbol: str, start_ms: int, end_ms: int, *, versions: dict[str, int] | None = None,
-                  tables: Sequence[str] = REPLAY_TABLES, batch_size: int = 16_384, book_lookback_ms: int = DAY_MS,
+                  tables: Sequence[str] = REPLAY_TABLES, batch_size: int = 4_096, book_lookback_ms: int = DAY_MS,
                   on_rows: Callable[[int], None] | None = None,
                   stats: dict | None = None) -> Iterator[list[tuple[str, dict]]]:
     """Chunks of ``(schema_name, record)`` of one symbol in gw_seq order (see the module docstring).

@@ -2,18 +2,25 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
 from flows.candles import KLINE_VARIATES, KLINE_WARMUP, kline_variates
-from flows.datasets import (DatasetError, DatasetSpec, LabelConfig, build_dataset, dataset_path, get_manifest,
-                            list_datasets, load_dataset, lookahead_violations, referenced_versions)
+from flows.datasets import (
+    DatasetError,
+    DatasetSpec,
+    build_dataset,
+    dataset_path,
+    get_manifest,
+    list_datasets,
+    load_dataset,
+    lookahead_violations,
+    referenced_versions,
+)
 from flows.kline_history import _parse_ts, import_kline_file, import_klines, make_kline
 from flows.lake import BRONZE, Lake, rows_to_arrow, with_meta
 from flows.targets import forward_targets

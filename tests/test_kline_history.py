@@ -8,8 +8,15 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from flows.kline_history import (HistoryError, detect_layout, import_funding_file, import_kline_file,
-                                 import_klines, infer_from_filename, read_bybit_rest_klines)
+from flows.kline_history import (
+    HistoryError,
+    detect_layout,
+    import_funding_file,
+    import_kline_file,
+    import_klines,
+    infer_from_filename,
+    read_bybit_rest_klines,
+)
 from flows.lake import BRONZE, Lake, batch_to_records, rows_to_arrow, with_meta
 
 FIX = Path(__file__).parent / "fixtures" / "klines"
@@ -67,7 +74,7 @@ def test_a_live_confirmed_kline_wins_over_history_and_open_ones_do_not_block(tmp
     lake.append("raw_kline", rows_to_arrow(t, [live(5, True), live(6, False), live(299, True)]))
     rep = import_kline_file(lake, BYBIT)
     assert (rep.inserted, rep.skipped_existing) == (298, 2)
-    at = lake.read("raw_kline", filter=pc.field("confirm") == True)  # noqa: E712
+    at = lake.read("raw_kline", filter=pc.field("confirm") == True)
     starts = at.column("start_ts").to_pylist()
     assert len(starts) == len(set(starts)) == 300
 

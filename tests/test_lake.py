@@ -1,20 +1,27 @@
 """Bronze tables: exact round trips, app-transaction offsets, retention, compaction and vacuum."""
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.lake import (BRONZE, DAY_MS, Lake, batch_to_records, date_of_ms, dates_between, ms_of_date,
-                        rows_to_arrow, with_meta)
+from flows.lake import (
+    BRONZE,
+    DAY_MS,
+    Lake,
+    batch_to_records,
+    date_of_ms,
+    dates_between,
+    ms_of_date,
+    rows_to_arrow,
+    with_meta,
+)
 from tickcast.serde import Serde
 
 sys.path.insert(0, str(Path(__file__).parent))
-from avro_samples import sample  # noqa: E402
+from avro_samples import sample
 
 SERDE = Serde()
 D0 = ms_of_date("2026-08-01")

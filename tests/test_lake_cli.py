@@ -8,8 +8,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
-
 from flows.lake import Lake
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,14 +3,13 @@ replay through build_flow equals the engine run on the same events, bit for bit.
 from __future__ import annotations
 
 import pyarrow as pa
-import pytest
 
 from flows.archive import BronzeWriter
 from flows.engine import new_engine
 from flows.lake import BRONZE, TABLE_OF_TOPIC, Lake, rows_to_arrow, with_meta
 from flows.offline_replay import iter_vectors, read_vectors, replay, wide_m1
 from flows.parity import ParityReport, compare, same_value
-from flows.replay_source import find_start_seq, merged_events, plan_files
+from flows.replay_source import find_start_seq, merged_events
 from tests.synth import T0, SynthStream
 from tickcast.topics import RAW_TOPIC_OF
 
