@@ -57,3 +57,23 @@ def test_each_subcommand_has_help(name):
     r = _help(name)
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout
+
+
+def test_grafana_dashboard_uses_metrics_the_code_exports():
+    """Every tickcast_* metric a Grafana panel queries is defined by some component."""
+    import json
+
+    dash = json.loads((REPO / "infra" / "grafana" / "dashboards" / "tickcast.json").read_text())
+    used = set()
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            used |= set(re.findall(r"tickcast_[a-z_]+", t["expr"]))
+    sources = "".join((REPO / p).read_text() for p in ("connectors/metrics.py", "flows/metrics.py", "api/metrics.py"))
+    strip = lambda m: re.sub(r"_(total|bucket|sum|count)$", "", m)  # noqa: E731
+    defined = {strip(m) for m in re.findall(r'"(tickcast_[a-z_]+)"', sources)}
+    base = {strip(m) for m in used}
+    assert base and base <= defined, sorted(base - defined)
+    prom = yaml.safe_load((REPO / "infra" / "prometheus.yml").read_text())
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    ports = {s: COMPOSE["services"][s]["ports"][0].split(":")[0] for s in ("gateway", "features", "archive", "api")}
+    assert sorted(targets) == sorted(f"{s}:{p}" for s, p in ports.items())
