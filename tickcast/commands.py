@@ -66,7 +66,16 @@ def status() -> None:
     raise typer.Exit(stack_status(_settings()))
 
 
+def bench(only: list[str] = typer.Argument(None, help="script names (default: every bench/*.py)"),
+          timeout: float = typer.Option(1800.0, help="seconds per script")) -> None:
+    """Run the benchmarks and write bench/RESULTS.md (figure, required figure, ratio, machine)."""
+    from tickcast.bench import main
+
+    raise typer.Exit(main(only or None, timeout))
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(bench)
     app.command()(broker)
     app.command()(topics)
     app.command()(up)
