@@ -228,7 +228,9 @@ class Page:
             if last and not isinstance(last, Exception):
                 return last
             self.page.wait_for_timeout(200)
-        raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        shot = self.shot("timeout_" + "".join(c if c.isalnum() else "_" for c in what)[:40])
+        status = self.text("status-line")
+        raise AssertionError(f"timed out waiting for {what} (last: {last!r}; status: {status}; screenshot {shot})")
 
     def tab(self, name: str) -> None:
         self.page.locator(".bk-tab", has_text=name).first.click()
@@ -279,7 +281,7 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
                 for m in mkts.values():
                     pub.send(m.next())
             pub.flush()
-            P.wait(lambda: P.visible("live-state-no_model"), 25, "the no-model state")
+            P.wait(lambda: P.visible("live-state-no_model"), 40, "the no-model state")
             P.shot("no_model")
 
             # 3. a champion, a backlog of minutes, then live minutes with champion moves and jumps

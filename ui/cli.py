@@ -16,9 +16,9 @@ def resolve_api_url(cli_value: str | None = None) -> str:
     env = os.environ.get("TICKCAST_API_URL", "").strip()
     if env:
         return env.rstrip("/")
-    from tickcast.config import get_settings
+    from tickcast.config import load_settings
 
-    s = get_settings()
+    s = load_settings()
     host = "127.0.0.1" if s.api_host in ("0.0.0.0", "::", "") else s.api_host
     return f"http://{host}:{s.api_port}"
 
