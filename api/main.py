@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     metrics = ApiMetrics()
     hub = EventHub(buffer_size=options.sse_buffer, queue_size=options.sse_queue, heartbeat_s=options.heartbeat_s,
                    on_drop=metrics.sse_dropped.inc)
+    hub.on_fanout = metrics.sse_fanout.observe
     service = PredictionService(settings, options, metrics=metrics, hub=hub)
     hub.heartbeat_info = lambda: {"model_version": service.model.spec.version if service.model else None}
     jobs = JobRunner()
@@ -483,7 +484,9 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         if model is not None and not model.spec.feature_summary:
             note = ("the champion ships no training distribution summary (tickcast.feature_summary metadata or "
                     "feature_summary.json artifact): PSI is not computed")
-        return _clean({"model_version": model.spec.version if model else None, "latency": service.latency(),
+        latency = service.latency()
+        latency["sse_fanout"] = service._pcts([1000 * x for x in list(hub.fanout_s)])
+        return _clean({"model_version": model.spec.version if model else None, "latency": latency,
                        "symbols": out, "recent_alerts": list(service.recent_alerts)[-50:],
                        "sse_clients": len(hub.subs), "psi_note": note})
 

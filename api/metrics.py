@@ -49,5 +49,9 @@ class ApiMetrics:
         self.sse_clients = Gauge("tickcast_api_sse_clients", "Connected SSE clients", registry=r)
         self.sse_dropped = Counter("tickcast_api_sse_dropped_total", "SSE clients dropped for not reading",
                                    registry=r)
+        self.sse_fanout = Histogram(
+            "tickcast_api_sse_fanout_seconds",
+            "From publishing a batch on the SSE hub to writing it to one client's socket (per client and batch)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
         self.sse_events = Counter("tickcast_api_sse_events_total", "Events published on the SSE stream",
                                   ["event"], registry=r)

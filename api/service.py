@@ -61,11 +61,11 @@ class ApiOptions:
     outcome_grace_minutes: int = 2
     gap_rows_limit: int = 1440
     sse_buffer: int = 4096
-    sse_queue: int = 2048
+    sse_queue: int = 256
     heartbeat_s: float = 15.0
     sse_ping_s: float = 15.0
     stale_feature_s: float = 150.0
-    store_flush_s: float = 0.5
+    store_flush_s: float = 3.0
     psi_window: int = 240
     psi_every_minutes: int = 5
     coverage_window: int = 500

@@ -5,8 +5,9 @@ restarts: it starts from the boot time in µs) and are kept in a bounded replay 
 that reconnects with ``Last-Event-ID`` gets what it missed while that is still buffered; when it is
 not, the first event it receives is a ``heartbeat`` with ``"gap": true``. ``heartbeat`` events (no id,
 never replayed) go to every client every ``heartbeat_s`` and carry the server time and the champion
-version. Each event is encoded once, whatever the number of clients. A client whose queue is full
-(it stopped reading) is disconnected and can resume with ``Last-Event-ID``.
+version. Each event is encoded once, whatever the number of clients, and a batch (a minute's
+forecasts and signals) reaches each client as one chunk, one write. A client whose queue is full
+(it stopped reading for ``queue_size`` batches) is disconnected and can resume with ``Last-Event-ID``.
 
 Everything here runs on the event loop thread; other threads call ``publish_threadsafe``.
 """
@@ -63,6 +64,10 @@ class EventHub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._hb_task: asyncio.Task | None = None
         self.published = 0
+        # publish -> written to the client's socket, per client and batch (seconds): the server's share
+        # of the delivery delay, without the network and the client
+        self.fanout_s: deque[float] = deque(maxlen=20_000)
+        self.on_fanout: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -100,26 +105,40 @@ class EventHub:
     def heartbeat(self, sub: Subscription | None = None, **extra) -> None:
         info = {"server_ts": int(time.time() * 1_000_000), "last_event_id": self.last_id,
                 **self.heartbeat_info(), **extra}
-        ev = Event(None, "heartbeat", None, encode("heartbeat", json.dumps(info, separators=(",", ":"))))
+        raw = encode("heartbeat", json.dumps(info, separators=(",", ":")))
         targets = [sub] if sub is not None else list(self.subs)
         for s in targets:
-            self._offer(s, ev)
+            self._offer(s, raw, None)
 
-    def publish(self, event: str, data: dict, symbol: str | None = None) -> int:
-        """Buffer and fan out one event; returns its id."""
+    def _event(self, event: str, data: dict, symbol: str | None) -> Event:
         eid = self._next_id
         self._next_id += 1
         ev = Event(eid, event, symbol, encode(event, json.dumps(data, separators=(",", ":"), allow_nan=False), eid))
         self.buffer.append(ev)
         self.published += 1
-        for s in list(self.subs):
-            if s.wants(ev):
-                self._offer(s, ev)
-        return eid
+        return ev
 
-    def publish_many(self, items: list[tuple[str, dict, str | None]]) -> None:
-        for event, data, symbol in items:
-            self.publish(event, data, symbol)
+    def publish(self, event: str, data: dict, symbol: str | None = None) -> int:
+        """Buffer and fan out one event; returns its id."""
+        return self.publish_many([(event, data, symbol)])[0]
+
+    def publish_many(self, items: list[tuple[str, dict, str | None]]) -> list[int]:
+        """Buffer a batch (a minute's forecasts and signals) and hand each client its share as one chunk:
+        encoded once, joined once per distinct symbol filter, one queue item per client."""
+        t = time.perf_counter()
+        evs = [self._event(event, data, symbol) for event, data, symbol in items]
+        everything = b"".join(e.raw for e in evs)
+        per_filter: dict[frozenset, bytes] = {}
+        for sub in list(self.subs):
+            if sub.symbols is None:
+                chunk = everything
+            else:
+                chunk = per_filter.get(sub.symbols)
+                if chunk is None:
+                    chunk = per_filter[sub.symbols] = b"".join(e.raw for e in evs if sub.wants(e))
+            if chunk:
+                self._offer(sub, chunk, t)
+        return [e.id for e in evs]
 
     def publish_threadsafe(self, items: list[tuple[str, dict, str | None]]) -> bool:
         loop = self.loop
@@ -131,13 +150,16 @@ class EventHub:
             return False
         return True
 
-    def _offer(self, sub: Subscription, ev: Event) -> None:
+    def _offer(self, sub: Subscription, chunk: bytes, t: float | None) -> None:
         if sub.dropped:
             return
         try:
-            sub.queue.put_nowait(ev)
+            sub.queue.put_nowait((t, chunk))
         except asyncio.QueueFull:
-            sub.dropped = True
+            sub.dropped = True  # its stream ends at the next wake-up (or its 30 s send timeout)
+            while not sub.queue.empty():  # free what it never read
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(_CLOSE)
             if self.on_drop:
                 self.on_drop()
 
@@ -167,17 +189,26 @@ class EventHub:
             yield encode("heartbeat", json.dumps(info, separators=(",", ":")))
             closing = False
             while not sub.dropped and not closing:
-                ev = await sub.queue.get()
-                if ev is _CLOSE:
+                item = await sub.queue.get()
+                if item is _CLOSE:
                     break
-                # everything already queued goes out in one write (a minute's batch is one send per client)
-                chunks = [ev.raw]
-                while not sub.queue.empty():
-                    nxt = sub.queue.get_nowait()
-                    if nxt is _CLOSE:
-                        closing = True
-                        break
-                    chunks.append(nxt.raw)
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                t, chunk = item
+                # everything already queued goes out in one write
+                if not sub.queue.empty():
+                    chunks = [chunk]
+                    while not sub.queue.empty():
+                        nxt = sub.queue.get_nowait()
+                        if nxt is _CLOSE:
+                            closing = True
+                            break
+                        chunks.append(nxt[1])
+                        t = nxt[0] if t is None else t
+                    chunk = b"".join(chunks)
+                yield chunk
+                if t is not None:  # resumed: sse-starlette has handed the chunk to the socket
+                    dt = time.perf_counter() - t
+                    self.fanout_s.append(dt)
+                    if self.on_fanout is not None:
+                        self.on_fanout(dt)
         finally:
             self.unsubscribe(sub)
