@@ -29,6 +29,8 @@ def ui(port: int = typer.Option(None, help="default: TICKCAST_UI_PORT (5006)"),
                                    help="the prediction API (default: TICKCAST_API_URL, else "
                                         "http://TICKCAST_API_HOST:TICKCAST_API_PORT)"),
        poll_s: float = typer.Option(1.0, min=0.1, help="how often the shared feed polls the latest features"),
+       history_minutes: int = typer.Option(240, min=2, max=1440, help="minutes of history read at start "
+                                                                         "(candles, signals, alerts)"),
        allow_origin: Annotated[list[str] | None, typer.Option(help="extra websocket origins (host:port)")] = None,
        show: bool = typer.Option(False, help="open a browser")) -> None:
     """Serve the live dashboard: price, forecast fan, signals, alerts, backtest, strategy P&L, monitoring."""
@@ -53,7 +55,7 @@ def ui(port: int = typer.Option(None, help="default: TICKCAST_UI_PORT (5006)"),
         argv += ["--allow-websocket-origin", o]
     if show:
         argv.append("--show")
-    argv += ["--args", "--api-url", url, "--poll-s", str(poll_s)]
+    argv += ["--args", "--api-url", url, "--poll-s", str(poll_s), "--history-minutes", str(history_minutes)]
     typer.echo(f"dashboard on http://{address}:{port}/app (API {url})", err=True)
     env = {**os.environ, "TICKCAST_API_URL": url}
     os.execve(sys.executable, argv, env)  # panel replaces this process: signals reach it directly
