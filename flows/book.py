@@ -110,7 +110,7 @@ def _parse_levels(px: list[str], sz: list[str]) -> list[tuple[int, int]]:
 
 class OrderBook:
     __slots__ = ("symbol", "bids", "asks", "last_u", "last_seq", "last_ts", "valid", "invalid_reason",
-                 "best_bid", "best_ask", "best_changes")
+                 "best_bid", "best_ask", "best_changes", "version")
 
     def __init__(self, symbol: str):
         self.symbol = symbol
@@ -124,6 +124,7 @@ class OrderBook:
         self.best_bid: int | None = None
         self.best_ask: int | None = None
         self.best_changes = 0  # running count of best-price changes (for churn)
+        self.version = 0  # incremented by every change of the levels
 
     # -- updates -------------------------------------------------------------------------------
     def apply(self, rec: dict, is_snapshot: bool) -> BookStatus:
@@ -155,6 +156,7 @@ class OrderBook:
             bset(p, s)
         for p, s in asks:
             aset(p, s)
+        self.version += 1
         self.last_u = u
         self.last_seq = rec["cross_seq"]
         self.last_ts = rec["exchange_ts"]

@@ -43,7 +43,7 @@ class EngineConfig:
     seq_hold_events: int = 5_000  # a gw_seq hole is declared when this many later events wait ...
     seq_hold_ms: int = 5_000  # ... or when they span this much event time
     max_empty_ms: int = 3_600_000  # a longer silence restarts the windows instead of filling them
-    tile_history_s: int = 900  # closed 1-second tiles kept (longest tile window + 1)
+    tile_history_s: int = 301  # closed 1-second tiles kept (longest tile window + 1)
 
     @classmethod
     def from_registry(cls, reg: Registry) -> "EngineConfig":
@@ -127,16 +127,22 @@ class Tile:
     """Mergeable partial aggregates of one second of a symbol's events (exchange time)."""
 
     __slots__ = ("start", "n_events", "n_trades", "buy_vol", "sell_vol", "buy_notional", "sell_notional",
-                 "best_changes", "n_dp", "sum_dp", "n_prod", "sum_prod", "late", "snap", "ret", "dmid")
+                 "best_changes", "n_dp", "sum_dp", "n_prod", "sum_prod", "late", "mid", "ret", "dmid")
 
     def __init__(self, start: int):
         self.start = start
         self.n_events = self.n_trades = self.best_changes = self.n_dp = self.n_prod = self.late = 0
         self.buy_vol = self.sell_vol = self.buy_notional = self.sell_notional = 0.0
         self.sum_dp = self.sum_prod = 0.0
-        self.snap: BookSnap | None = None
+        self.mid: float | None = None  # mid at the tile end (None: no valid book)
         self.ret: float | None = None  # log(mid / previous tile's mid)
         self.dmid: float | None = None  # mid - previous tile's mid
+
+
+def last_tiles(tiles: deque, k: int) -> list[Tile]:
+    """The newest k tiles, oldest first (deque indexing near its right end is O(1): no full copy)."""
+    n = len(tiles)
+    return [tiles[i] for i in range(max(0, n - k), n)]
 
 
 class WindowAgg:
@@ -146,6 +152,16 @@ class WindowAgg:
                  "returns", "dmid_q", "roll_n_dp", "roll_sum_dp", "roll_pairs", "roll_sum_prod")
 
     def __init__(self, tiles: list[Tile]):
+        if len(tiles) == 1:  # the 1 s window, every second: no sums needed
+            t = tiles[0]
+            self.n_tiles, self.n_trades, self.best_changes = 1, t.n_trades, t.best_changes
+            self.buy_vol, self.sell_vol = t.buy_vol, t.sell_vol
+            self.buy_notional, self.sell_notional = t.buy_notional, t.sell_notional
+            self.returns = [] if t.ret is None else [t.ret]
+            self.dmid_q = [] if t.dmid is None else [(t.dmid, t.buy_vol - t.sell_vol)]
+            self.roll_n_dp, self.roll_sum_dp = t.n_dp, t.sum_dp
+            self.roll_pairs, self.roll_sum_prod = t.n_prod, t.sum_prod
+            return
         self.n_tiles = len(tiles)
         self.n_trades = sum(t.n_trades for t in tiles)
         self.buy_vol = _fsum(t.buy_vol for t in tiles)
@@ -295,23 +311,22 @@ class Candles:
 
 # --- the per-window context handed to feature kinds ------------------------------------------------
 class WindowContext:
-    __slots__ = ("engine", "window_end", "cadence", "tiles", "book", "values", "_aggs", "_candles", "_news")
+    __slots__ = ("engine", "window_end", "cadence", "tiles", "book", "values", "point", "_aggs", "_candles", "_news")
 
     def __init__(self, engine: "SymbolEngine", window_end: int):
         self.engine = engine
         self.window_end = window_end
         self.tiles = engine.tiles
-        self.book = engine.tiles[-1].snap
+        self.book = engine.last_snap
         self.cadence = ""
         self.values: dict[str, float | None] = {}
+        self.point: dict[str, object] = {}  # point-in-time results, shared by the cadences of this tile end
         self._aggs: dict[int, WindowAgg] = {}
         self._candles = None
         self._news = None
 
     def tiles_in(self, window_ms: int) -> list[Tile]:
-        k = window_ms // TILE_MS
-        tiles = self.tiles
-        return list(tiles)[-k:] if k < len(tiles) else list(tiles)
+        return last_tiles(self.tiles, window_ms // TILE_MS)
 
     def window(self, window_ms: int) -> WindowAgg:
         agg = self._aggs.get(window_ms)
@@ -324,8 +339,7 @@ class WindowContext:
         k = ago_ms // TILE_MS
         if k >= len(self.tiles):
             return None
-        snap = self.tiles[-1 - k].snap
-        return snap.mid if snap is not None and snap.valid else None
+        return self.tiles[-1 - k].mid
 
     @property
     def ticker(self) -> dict:
@@ -365,6 +379,7 @@ class SymbolEngine:
         self.book = OrderBook(symbol)
         self.tiles: deque[Tile] = deque(maxlen=self.cfg.tile_history_s)
         self.tile: Tile | None = None  # the open tile
+        self.last_snap: BookSnap | None = None  # the book at the last tile end
         self.clock: int | None = None
         self.ticker: dict = {}
         self.mempool = MempoolState(keep_ms=2 * 3_600_000)
@@ -388,7 +403,14 @@ class SymbolEngine:
         self.registry_path = registry.path
         self.registry_hash = registry.hash
         self.cfg = EngineConfig.from_registry(registry)
-        self._plan = {c: [(s.name, KINDS[s.kind].compute, s) for s in registry.for_cadence(c)] for c in CADENCES}
+        # (name, compute, spec, shared): a point-in-time feature (not derived) has one value per tile end
+        # whatever the cadence, so it is computed once when several cadences close together
+        self._plan = {c: [(s.name, KINDS[s.kind].compute, s, s.window_ms == 0 and s.kind != "zscore")
+                          for s in registry.for_cadence(c)] for c in CADENCES}
+        need = max([s.window_ms // TILE_MS + 1 for s in registry.features if {"book", "trades"} & set(s.inputs)] + [2])
+        if self.cfg.tile_history_s < need:
+            raise ValueError(f"engine.tile_history_s={self.cfg.tile_history_s} is shorter than the longest "
+                             f"book/trade window of the registry ({need - 1} s) + 1")
         self._levels = max([s.params.get("levels", 1) for s in registry.features] + [10])
         self._density = tuple(sorted({s.params["bps"] for s in registry.features if s.kind == "liquidity_density"}))
         # inputs of derived features need a value history per cadence
@@ -402,6 +424,7 @@ class SymbolEngine:
     def _init_history(self) -> None:
         old = getattr(self, "history", {})
         self.history = {k: deque(old.get(k, ()), maxlen=n) for k, n in self._hist_n.items()}
+        self._hist_by_cadence = {c: {name: h for (cc, name), h in self.history.items() if cc == c} for c in CADENCES}
 
     def reload(self, registry: Registry) -> None:
         """Switch to another registry at run time (takes effect at the next window)."""
@@ -409,7 +432,7 @@ class SymbolEngine:
         self._init_history()
 
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("registry", "cfg", "_plan")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("registry", "cfg", "_plan", "_hist_by_cadence")}
         return state
 
     def __setstate__(self, state):
@@ -546,6 +569,7 @@ class SymbolEngine:
 
     _last_px: float | None = None
     _last_dp: float | None = None
+    _snap_version: int = -1
 
     def _request_resync(self, reason: str, rec: dict, out: list) -> None:
         now = self.clock
@@ -583,20 +607,25 @@ class SymbolEngine:
         elif not book.bids.prices or not book.asks.prices:
             reason = "book has an empty side"
         else:
+            last = self.last_snap
+            if last is not None and last.valid and self._snap_version == book.version:
+                return last  # the book did not change since the last tile end
+            self._snap_version = book.version
             return BookSnap(book, "", self._levels, self._density)
         return BookSnap(None, reason, 0, ())
 
     def _close_tile(self, tile: Tile, rec: dict, out: list) -> None:
         end = tile.start + TILE_MS
-        tile.snap = snap = self._snap(end)
+        self.last_snap = snap = self._snap(end)
+        tile.mid = snap.mid if snap.valid else None
         if snap.reason.startswith("book stale") and self.book.valid and self.stale_since is None:
             self.stale_since = end
             log.warning("order-book stale", extra={"symbol": self.symbol, "reason": snap.reason})
             self._request_resync(snap.reason, rec, out)
-        prev = self.tiles[-1].snap if self.tiles else None
-        if snap.valid and prev is not None and prev.valid:
-            tile.ret = _log(snap.mid / prev.mid)
-            tile.dmid = snap.mid - prev.mid
+        prev = self.tiles[-1].mid if self.tiles else None
+        if tile.mid is not None and prev is not None:
+            tile.ret = _log(tile.mid / prev)
+            tile.dmid = tile.mid - prev
         self.tiles.append(tile)
         ctx = None
         for cadence, period in CADENCES.items():
@@ -625,7 +654,7 @@ class SymbolEngine:
         ctx._aggs, ctx._candles, ctx._news, ctx.tiles, ctx.book = {}, None, None, (), None
         values: dict[str, float | None] = {}
         nulls: dict[str, str] = {}
-        for name, fn, spec in self._plan["m1"]:
+        for name, fn, spec, _ in self._plan["m1"]:
             v = fn(ctx, spec) if spec.kind in ("candle", "time_of_day") else Missing(
                 "history minute (before the live stream): candle variates only")
             if isinstance(v, Missing) or not _isfinite(v):
@@ -643,25 +672,31 @@ class SymbolEngine:
         ctx.cadence = cadence
         ctx.values = values = {}
         nulls: dict[str, str] = {}
-        history = self.history
-        for name, fn, spec in self._plan[cadence]:
-            v = fn(ctx, spec)
-            if isinstance(v, Missing):
-                values[name] = None
-                nulls[name] = str(v)
-                continue
-            v = float(v)
-            if not _isfinite(v):
+        point = ctx.point
+        hists = self._hist_by_cadence[cadence]
+        for name, fn, spec, shared in self._plan[cadence]:
+            if shared:
+                v = point.get(name, point)
+                if v is point:
+                    v = point[name] = fn(ctx, spec)
+            else:
+                v = fn(ctx, spec)
+            if v.__class__ is not float:
+                if isinstance(v, Missing):
+                    values[name] = None
+                    nulls[name] = str(v)
+                    continue
+                v = float(v)
+            if v - v != 0.0:  # inf or nan
                 values[name] = None
                 nulls[name] = f"not finite ({v})"
                 continue
             values[name] = v
-            hist = history.get((cadence, name))
-            if hist is not None:
-                hist.append(v)
+            if name in hists:
+                hists[name].append(v)
         k = period // TILE_MS
         tiles = self.tiles
-        events = sum(t.n_events for t in (list(tiles)[-k:] if k < len(tiles) else tiles))
+        events = sum(t.n_events for t in last_tiles(tiles, k))
         return {
             "symbol": self.symbol, "venue": self.venue, "cadence": cadence, "window_end": ctx.window_end,
             "registry_hash": self.registry_hash, "values": values, "nulls": nulls,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS
@@ -160,6 +161,14 @@ def depth_imbalance(ctx, spec):
     return (bid - ask) / (bid + ask)
 
 
+@lru_cache(maxsize=32)
+def _slope_weights(n: int) -> tuple[tuple[float, ...], float]:
+    """x - xbar for level indices x = 1..n, and sum((x - xbar)^2)."""
+    xbar = (n + 1) / 2
+    w = tuple(i + 1 - xbar for i in range(n))
+    return w, _fsum([d * d for d in w])
+
+
 @kind("slope", inputs=("book",), point=True, params=_side_levels_param)
 def slope(ctx, spec):
     """OLS slope of level size on level index 1..n: how fast volume decays away from the top."""
@@ -170,12 +179,8 @@ def slope(ctx, spec):
     n = spec.params["levels"]
     if len(sizes) < n or n < 2:
         return Missing(f"book has fewer than {n} levels")
-    y = sizes[:n]
-    xbar = (n + 1) / 2
-    ybar = _fsum(y) / n
-    sxy = _fsum((i + 1 - xbar) * (v - ybar) for i, v in enumerate(y))
-    sxx = _fsum((i + 1 - xbar) ** 2 for i in range(n))
-    return sxy / sxx
+    weights, sxx = _slope_weights(n)
+    return _fsum([w * v for w, v in zip(weights, sizes)]) / sxx  # sum (x - xbar)(y - ybar), as sum(x - xbar) = 0
 
 
 def _bps_param(spec):
@@ -488,7 +493,7 @@ def zscore(ctx, spec):
     if ctx.values.get(src) is None:  # never present the last valid value as the current one
         return Missing(f"{src} is null in this window")
     mean = _fsum(hist) / n
-    var = _fsum((v - mean) ** 2 for v in hist) / n
+    var = _fsum([(v - mean) * (v - mean) for v in hist]) / n
     if var <= 0:
         return Missing(f"{src} did not vary over the last {n} values")
     return (hist[-1] - mean) / _sqrt(var)
