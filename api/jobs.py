@@ -32,6 +32,24 @@ class JobQueueFull(RuntimeError):
     pass
 
 
+def settings_env(settings) -> dict[str, str]:
+    """The API's own settings as environment variables for a child process (the child's
+    ``get_settings()`` then sees the same lake, data dir, registry and broker as the API)."""
+    env = {
+        "TICKCAST_LAKE_ROOT": str(settings.lake_root),
+        "TICKCAST_LAKE_STORAGE_OPTIONS": json.dumps(dict(settings.lake_storage_options)),
+        "TICKCAST_DATA_DIR": str(settings.data_dir),
+        "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        "TICKCAST_MODEL_NAME": settings.model_name,
+        "TICKCAST_SYMBOLS": ",".join(settings.symbols),
+    }
+    if settings.kafka_bootstrap:
+        env["KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    if settings.schema_registry_url:
+        env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
+    return env
+
+
 @dataclass
 class Job:
     id: str
@@ -55,7 +73,9 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, *, max_queued: int = 8, timeout_s: float = 6 * 3600, cwd: str | None = None):
+    def __init__(self, *, max_queued: int = 8, timeout_s: float = 6 * 3600, cwd: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.env = dict(env or {})
         self.jobs: dict[str, Job] = {}
         self.queues: dict[str, deque[Job]] = {}
         self.running: dict[str, Job | None] = {}
@@ -96,22 +116,21 @@ class JobRunner:
         log.info("job started", extra={"job_id": job.id, "kind": job.kind})
         try:
             proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    cwd=self.cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    cwd=self.cwd, env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
             self._procs[job.id] = proc
             timer = threading.Timer(self.timeout_s, proc.kill)
             timer.start()
+            tail: deque[str] = deque(maxlen=400)  # untruncated, for the result object
             for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line[:200_000])
                 job.output.append(line.rstrip()[:500])
             proc.wait()
             timer.cancel()
             job.returncode = proc.returncode
-            last = next((ln for ln in reversed(job.output) if ln.startswith("{")), None)
             if proc.returncode == 0:
                 job.status = "succeeded"
-                try:
-                    job.result = json.loads(last) if last else None
-                except json.JSONDecodeError:
-                    job.result = None
+                job.result = trailing_json(list(tail))
             else:
                 job.status = "failed"
                 job.error = f"exit code {proc.returncode}: " + (job.output[-1] if job.output else "no output")
@@ -130,6 +149,28 @@ class JobRunner:
         for proc in list(self._procs.values()):
             if proc.poll() is None:
                 proc.terminate()
+
+
+def trailing_json(lines: list[str]):
+    """The JSON object a child printed last: one line, or an indented block from a line "{" to "}"."""
+    for ln in reversed(lines):
+        if ln.startswith("{") and ln.rstrip().endswith("}"):
+            try:
+                return json.loads(ln)
+            except json.JSONDecodeError:
+                break
+        if ln.strip():
+            break
+    ends = [i for i, ln in enumerate(lines) if ln.rstrip() == "}"]
+    if ends:
+        end = ends[-1]
+        for start in range(end, -1, -1):
+            if lines[start].rstrip() == "{":
+                try:
+                    return json.loads("\n".join(lines[start:end + 1]))
+                except json.JSONDecodeError:
+                    return None
+    return None
 
 
 def _build_dataset_main(spec_json: str) -> int:

@@ -29,6 +29,7 @@ mutating (bearer token TICKCAST_API_TOKEN; none configured = 503, wrong/missing 
 import datetime as _dt
 import json
 import math
+import pathlib
 import re
 import secrets
 import sys
@@ -47,7 +48,7 @@ from tickcast.config import Settings, get_settings
 from tickcast.logs import get_logger
 
 from api import schemas as S
-from api.jobs import JobQueueFull, JobRunner
+from api.jobs import JobQueueFull, JobRunner, settings_env
 from api.metrics import ApiMetrics
 from api.service import ApiOptions, PredictionService
 from api.sse import EventHub
@@ -55,6 +56,7 @@ from api.store import ALERTS, CANDLES, OUTCOMES, PREDICTIONS
 from api.window import MINUTE_MS
 
 log = get_logger("api")
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 MAX_RANGE_DAYS = 31
 _MS_MAX = 4_102_444_800_000  # 2100-01-01
@@ -130,7 +132,7 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     hub.on_fanout = metrics.sse_fanout.observe
     service = PredictionService(settings, options, metrics=metrics, hub=hub)
     hub.heartbeat_info = lambda: {"model_version": service.model.spec.version if service.model else None}
-    jobs = JobRunner()
+    jobs = JobRunner(env=settings_env(settings), cwd=str(REPO))
     symbols = list(settings.symbols)
 
     @asynccontextmanager
@@ -388,7 +390,7 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         if mod is None:
             raise HTTPException(503, err)
         try:
-            return mod.get_manifest(dataset_id)
+            return mod.get_manifest(dataset_id, settings.data_dir)
         except (KeyError, FileNotFoundError):
             raise HTTPException(404, f"no dataset {dataset_id!r}") from None
         except ValueError as exc:
@@ -408,7 +410,7 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         mod, err = _datasets_module()
         if mod is None:
             return {"available": False, "detail": err, "datasets": []}
-        return _clean({"available": True, "detail": None, "datasets": mod.list_datasets()})
+        return _clean({"available": True, "detail": None, "datasets": mod.list_datasets(settings.data_dir)})
 
     @app.post("/dataset/build", response_model=S.JobOut, status_code=202, responses={**AUTH_ERRORS, **ERRORS},
               tags=["datasets"], dependencies=[Depends(require_token)])

@@ -342,12 +342,14 @@ class PredictionService:
         self._enqueue(sym, minute)
 
     def _enqueue(self, sym: str, minute: int) -> None:
-        for origin in sorted(self.pending):
-            if origin < minute and sym in self.pending[origin]["syms"]:
-                self._run_batch(origin)
+        # a symbol that runs ahead (partitions are read unevenly) leaves its minutes waiting for the others,
+        # each at most batch_wait_s; batches always run oldest first
         batch = self.pending.setdefault(minute, {"syms": set(), "deadline": time.monotonic() + self.opt.batch_wait_s})
         batch["syms"].add(sym)
         if self._complete(minute, batch):
+            for origin in sorted(o for o in self.pending if o < minute):  # keep the minutes in order
+                if self._complete(origin, self.pending[origin]):
+                    self._run_batch(origin)
             self._run_batch(minute)
 
     def _complete(self, minute: int, batch: dict) -> bool:
@@ -446,7 +448,7 @@ class PredictionService:
             events.append(("signal", sig, sym))
             status = "degraded" if fc["degraded"] else "served"
             rows.append(self._prediction_row(fc, sig, status))
-            self.latest_prediction[sym] = {"status": status, "forecast": fc, "signal": sig, "reason": fc["reason"]}
+            self._set_latest(sym, {"status": status, "forecast": fc, "signal": sig, "reason": fc["reason"]})
             self.served.add((sym, origin, version))
             self.pending_outcomes[sym][(origin, version)] = {
                 "fc": fc, "q_lo": model.spec.q_low_index, "q_hi": model.spec.q_high_index,
@@ -458,7 +460,7 @@ class PredictionService:
             self._produce("Signal", sig, sym)
             events.append(("signal", sig, sym))
             rows.append(self._skip_row(sym, origin, version, model, reason, sig))
-            self.latest_prediction[sym] = {"status": "skipped", "forecast": None, "signal": sig, "reason": reason}
+            self._set_latest(sym, {"status": "skipped", "forecast": None, "signal": sig, "reason": reason})
             self.served.add((sym, origin, version))
             self.counts[sym]["skipped"] += 1
             self.metrics.minutes_skipped.labels(sym, _reason_kind(reason)).inc()
@@ -470,6 +472,11 @@ class PredictionService:
         if rows:
             self.store.put(PREDICTIONS, rows)
         self.producer.poll(0)
+
+    def _set_latest(self, sym: str, entry: dict) -> None:
+        cur = self.latest_prediction.get(sym)
+        if cur is None or entry["signal"]["origin_ts"] >= cur["signal"]["origin_ts"]:
+            self.latest_prediction[sym] = entry
 
     def _prediction_row(self, fc: dict, sig: dict, status: str) -> dict:
         return {**{k: fc[k] for k in ("symbol", "origin_ts", "model_name", "model_version", "degraded", "reason",

@@ -284,7 +284,7 @@ def test_forecast_and_signal_reach_sse_latest_and_kafka_within_the_minute(server
         text = get(server, "/metrics").text
         batched = [ln for ln in text.splitlines() if ln.startswith('tickcast_api_inference_batch_size_bucket{le="2.0"}')]
         single = [ln for ln in text.splitlines() if ln.startswith('tickcast_api_inference_batch_size_bucket{le="1.0"}')]
-        assert float(batched[0].split()[-1]) > float(single[0].split()[-1])
+        assert float(batched[0].split()[-1]) > float(single[0].split()[-1]), [ln for ln in text.splitlines() if "batch_size" in ln or "inference_seconds_count" in ln]
         assert f'tickcast_api_minutes_served_total{{quality="full",symbol="{A}"}}' in text
         # the latest m1 vector is served back
         fl = get(server, "/features/latest", symbol=A).json()
@@ -487,6 +487,53 @@ def test_mutating_endpoints_need_the_bearer_token(server):
     assert r.status_code == 404
     r = httpx.post(base + "/model/train", headers=ok, json={"dataset_id": "../../etc/passwd"}, timeout=30)
     assert r.status_code == 422
+
+
+def test_dataset_build_and_train_jobs_run_in_child_processes(server):
+    """A real dataset build from klines in the API's lake (the repo's fixture candles), listed afterwards;
+    a training job on it runs model/train.py in a child process and reports its outcome."""
+    from flows.kline_history import _parse_ts, import_klines, make_kline
+    from flows.lake import Lake
+    from tests.test_datasets import ROWS
+
+    settings = server["settings"]
+    recs = [make_kline(B, "1", _parse_ts(r[0]), r[1], r[2], r[3], r[4], r[5], None, "bybit.linear.csv") for r in ROWS]
+    import_klines(Lake(str(settings.lake_root)), recs, source="test")
+    start, end = _parse_ts(ROWS[0][0]), _parse_ts(ROWS[-1][0]) + MIN
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    r = httpx.post(server["base"] + "/dataset/build", headers=ok, timeout=30,
+                   json={"symbols": [B.lower()], "start": str(start + 61 * MIN), "end": str(end)})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "dataset_build" and job["status"] in ("queued", "running")
+    assert job["params"]["symbols"] == [B]
+    deadline = time.monotonic() + 120
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+        job = get(server, f"/dataset/build/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    ds_id = job["result"]["dataset_id"]
+    listed = get(server, "/dataset/list").json()
+    assert listed["available"] and ds_id in [d["dataset_id"] for d in listed["datasets"]]
+    assert (Path(settings.data_dir) / "datasets" / ds_id / "manifest.json").is_file()
+    r = httpx.post(server["base"] + "/model/train", headers=ok, timeout=30,
+                   json={"dataset_id": ds_id, "config": {"epochs": 1, "threads": 1}})
+    assert r.status_code == 202, r.text
+    tj = r.json()
+    assert tj["kind"] == "train" and tj["params"]["dataset_id"] == ds_id
+    deadline = time.monotonic() + 240
+    while tj["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, tj
+        time.sleep(1.0)
+        tj = get(server, f"/model/train/{tj['id']}").json()
+    # 240 candles cannot fill a 240-minute lookback plus the horizon: the trainer says so, the job reports it
+    assert tj["status"] in ("succeeded", "failed") and tj["finished_ts"] >= tj["started_ts"]
+    if tj["status"] == "failed":
+        assert tj["returncode"] != 0 and tj["error"] and tj["log_tail"]
+    r = httpx.post(server["base"] + "/model/train", headers=ok, timeout=30,
+                   json={"dataset_id": ds_id, "config": {"lr": 0.1}})
+    assert r.status_code == 422 and "epochs, threads" in r.json()["detail"]
 
 
 def test_no_token_configured_refuses_mutations_and_cors(registry, tmp_path):
