@@ -11,7 +11,8 @@ import pytest
 
 from connectors.gateway import Gateway
 from tests.test_gateway import by_symbol, check_dense, config, expected_events, key_of, symbols, until
-from tests.test_gateway_support import FakeBybitServer, ProxiedBroker, SyntheticMarket, TcpProxy, read_back
+from tests.test_gateway_support import FakeBybitServer, SyntheticMarket, read_back
+from tickcast.netfault import ProxiedBroker, TcpProxy
 from tickcast.topics import HEARTBEAT
 
 

@@ -1,6 +1,6 @@
 """Test support (no tests here): a protocol-faithful Bybit v5 public WebSocket server, a seeded
-synthetic market that writes Bybit's messages, a TCP proxy that can cut a broker off, a tansu
-broker advertised behind that proxy, and Kafka read-back helpers.
+synthetic market that writes Bybit's messages and Kafka read-back helpers (the TCP proxy that cuts
+a broker off and the broker behind it live in ``tickcast.netfault``).
 
 The server speaks what the gateway relies on, as Bybit does (see ../shared/spec/BYBIT_V5.md):
 ``{"op":"subscribe","args":[...],"req_id":...}`` answered by
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from tickcast.broker import _die_with_parent, free_port, tansu_binary
-from tickcast.topics import DEAD_LETTER, RAW_TOPICS, TOPICS, ensure_topics
+from tickcast.netfault import ProxiedBroker, TcpProxy  # noqa: F401 - moved; kept importable from here
+from tickcast.topics import DEAD_LETTER, RAW_TOPICS
 
 BASE_TS = 1_786_310_816_516
 
@@ -364,91 +361,3 @@ def dead_letters(bootstrap: str, since_us: int, *, timeout: float = 10.0, until=
     finally:
         consumer.close()
     return out
-
-
-# --- a broker behind a TCP proxy that can be cut ------------------------------------------------------
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:port to a target; ``cut()`` closes every connection and refuses new
-    ones (the broker is unreachable), ``restore()`` listens again on the same port."""
-
-    def __init__(self, target_port: int, port: int | None = None):
-        self.target_port = target_port
-        self.port = port or free_port()
-        self.server = None
-        self.pipes: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> TcpProxy:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port, reuse_address=True)
-        return self
-
-    async def _client(self, reader, writer) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.pipes |= {writer, up_w}
-
-        async def pump(r, w):
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, ConnectionError):
-                pass
-            finally:
-                w.close()
-
-        await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
-        self.pipes -= {writer, up_w}
-
-    async def cut(self) -> None:
-        self.server.close()
-        for w in list(self.pipes):
-            w.transport.abort()
-        self.pipes.clear()
-        await self.server.wait_closed()
-
-    async def restore(self) -> None:
-        await self.start()
-
-    async def stop(self) -> None:
-        await self.cut()
-
-
-class ProxiedBroker:
-    """A tansu broker that advertises the proxy's address, so every client connection (bootstrap
-    and the broker connections learnt from metadata) goes through the proxy."""
-
-    def __init__(self, proxy_port: int):
-        self.port = free_port()
-        self.proxy_port = proxy_port
-        self.proc = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.proxy_port}"
-
-    def start(self) -> ProxiedBroker:
-        cmd = [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-               "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy_port}", "--storage-engine", "memory://tansu/"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "RUST_LOG": "warn"}, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("tansu did not start")
-
-    def create_topics(self) -> None:
-        ensure_topics(self.bootstrap, TOPICS)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
