@@ -63,6 +63,7 @@ _MS_MAX = 4_102_444_800_000  # 2100-01-01
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 ERRORS = {404: {"model": S.ErrorOut, "description": "unknown symbol or object"},
           422: {"model": S.ErrorOut, "description": "invalid parameter (the detail says which and why)"}}
+BODY_ERRORS = {400: {"model": S.ErrorOut, "description": "the body is not valid JSON"}}
 AUTH_ERRORS = {401: {"model": S.ErrorOut, "description": "missing or wrong bearer token"},
                503: {"model": S.ErrorOut, "description": "mutating endpoints disabled: no token configured"}}
 
@@ -291,7 +292,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
                 "items": [{k: r[k] for k in S.AlertOut.model_fields} for r in rows]}
 
     # ------------------------------------------------------------------ analytics
-    @app.get("/backtest", response_model=S.BacktestOut, responses={404: ERRORS[404]}, tags=["analytics"])
+    @app.get("/backtest", response_model=S.BacktestOut, tags=["analytics"],
+             responses={404: ERRORS[404], 409: {"model": S.ErrorOut, "description": "no champion loaded"}})
     def backtest(symbol: SymbolQ,
                  candles: Annotated[int, Query(ge=2, le=1000, description="how many recent minutes")] = 100,
                  fee_bps: Annotated[float, Query(ge=0, le=100)] = 5.5,
@@ -342,7 +344,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
             "has_feature_summary": bool(m.get("has_feature_summary")), "last_check_ts": st.get("last_check_ts"),
             "last_error": st.get("last_error"), "poll_s": options.champion_poll_s, "swaps": st.get("swaps") or []})
 
-    @app.post("/model/reload", response_model=S.ModelOut, responses=AUTH_ERRORS, tags=["model"],
+    @app.post("/model/reload", response_model=S.ModelOut, tags=["model"],
+              responses={**AUTH_ERRORS, 409: {"model": S.ErrorOut, "description": "no champion watcher here"}},
               dependencies=[Depends(require_token)])
     def model_reload() -> dict:
         """Ask the registry for the champion now (instead of at the next poll) and load it if it moved."""
@@ -354,7 +357,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     def _job_out(job) -> dict:
         return _clean(job.view())
 
-    @app.post("/model/train", response_model=S.JobOut, status_code=202, responses={**AUTH_ERRORS, **ERRORS},
+    @app.post("/model/train", response_model=S.JobOut, status_code=202,
+              responses={**BODY_ERRORS, **AUTH_ERRORS, **ERRORS, 429: {"model": S.ErrorOut, "description": "queue full"}},
               tags=["model"], dependencies=[Depends(require_token)])
     def model_train(body: S.TrainIn) -> dict:
         """Train on a built dataset in a child process (model/train.py); poll GET /model/train/{id}."""
@@ -412,7 +416,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
             return {"available": False, "detail": err, "datasets": []}
         return _clean({"available": True, "detail": None, "datasets": mod.list_datasets(settings.data_dir)})
 
-    @app.post("/dataset/build", response_model=S.JobOut, status_code=202, responses={**AUTH_ERRORS, **ERRORS},
+    @app.post("/dataset/build", response_model=S.JobOut, status_code=202,
+              responses={**BODY_ERRORS, **AUTH_ERRORS, **ERRORS, 429: {"model": S.ErrorOut, "description": "queue full"}},
               tags=["datasets"], dependencies=[Depends(require_token)])
     def dataset_build(body: S.DatasetBuildIn) -> dict:
         """Build a dataset (kline or feature rows + targets) in a child process; poll GET /dataset/build/{id}."""
@@ -439,7 +444,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
 
     state = {"registry_hash": None}
 
-    @app.post("/feature-registry/reload", response_model=S.RegistryReloadOut, responses=AUTH_ERRORS,
+    @app.post("/feature-registry/reload", response_model=S.RegistryReloadOut,
+              responses={**AUTH_ERRORS, 422: ERRORS[422]},
               tags=["features"], dependencies=[Depends(require_token)])
     def feature_registry_reload() -> dict:
         """Re-read and validate the feature registry (flows/features.yaml) and compare its hash with what
