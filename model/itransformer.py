@@ -68,6 +68,12 @@ class ModelConfig:
     # authors' Non-stationary Transformer): per value variate mean/std and log(std / sigma_r), and
     # log(sigma_r); per-variate normalisation alone hides how the variates' scales relate
     stat_token: bool = False
+    # learned log-linear de-normalisation ("HAR-style" scale): each target's scale is the paper's
+    # window-statistic scale times exp(a linear function of log vol ratios known at t: the last and
+    # window-mean values of ``scale_variates`` relative to sigma_r, and log sigma_r); zero-initialised,
+    # so training starts from the paper's de-normalisation
+    learned_scale: bool = False
+    scale_variates: list[str] = field(default_factory=lambda: ["rv_15m", "rv_60m", "parkinson_15m", "range_rel_1m"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,6 +223,17 @@ class ITransformer(nn.Module):
         self.embed = InvertedEmbedding(cfg.lookback, cfg.d_model, cfg.dropout)
         self.encoder = Encoder(cfg.d_model, cfg.n_heads, cfg.e_layers, cfg.d_ff, cfg.dropout, cfg.activation)
         self.stat_embed = nn.Linear(2 * len(self.value_idx) + 1, cfg.d_model) if cfg.stat_token else None
+        self.scale_idx = [self.value_idx.index(cfg.variates.index(v)) for v in cfg.scale_variates
+                          if v in cfg.variates and cfg.variates.index(v) in self.value_idx]
+        self.register_buffer("scale_sel", torch.tensor(self.scale_idx, dtype=torch.long), persistent=False)
+        if cfg.learned_scale:
+            n_feat = 2 * len(self.scale_idx) + 2
+            self.scale_path = nn.Linear(n_feat, H)
+            self.scale_rv = nn.Linear(n_feat, 1)
+            self.scale_range = nn.Linear(n_feat, 1)
+            for lin in (self.scale_path, self.scale_rv, self.scale_range):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
         extra = 1 if cfg.feed_scale_to_heads else 0
         self.head_path = nn.Linear(cfg.d_model + extra, H * Q)
         self.head_rv = nn.Linear(cfg.d_model + extra, Q)
@@ -259,6 +276,18 @@ class ITransformer(nn.Module):
         z_rv = _monotone_positive(self.head_rv(ret_in))
         z_range = _monotone_positive(self.head_range(rng_in))
         logits = self.head_dir(torch.cat([ret_tok, log_scale], dim=1))
+        if cfg.learned_scale:
+            # multipliers relative to the (fixed) paper scales, so that the loss stays in fixed units
+            log_sr = torch.log(sigma_r).unsqueeze(1)
+            sel = xv.index_select(2, self.scale_sel) if self.scale_idx else None
+            feats = [log_sr - math.log(cfg.flat_threshold), torch.log(rng_mean).unsqueeze(1) - log_sr]
+            if sel is not None:
+                feats += [torch.log(torch.clamp(sel[:, -1], min=1e-8)) - log_sr,
+                          torch.log(torch.clamp(sel.mean(dim=1), min=1e-8)) - log_sr]
+            f = torch.cat(feats, dim=1)
+            z_path = z_path * torch.exp(self.scale_path(f)).unsqueeze(-1)
+            z_rv = z_rv * torch.exp(self.scale_rv(f))
+            z_range = z_range * torch.exp(self.scale_range(f))
         return {
             "z_path": z_path, "z_rv": z_rv, "z_range": z_range, "logits": logits,
             "scale_path": sigma_r.unsqueeze(1) * self.sqrt_h.unsqueeze(0),  # [B, H]

@@ -45,6 +45,7 @@ class TrainConfig:
     use_time_tokens: bool = True
     feed_scale_to_heads: bool = True
     stat_token: bool = False
+    learned_scale: bool = False
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -68,7 +69,8 @@ class TrainConfig:
                            quantiles=list(self.quantiles), d_model=self.d_model, n_heads=self.n_heads,
                            e_layers=self.e_layers, d_ff=self.d_ff, dropout=self.dropout,
                            use_time_tokens=self.use_time_tokens, flat_threshold=self.flat_threshold,
-                           feed_scale_to_heads=self.feed_scale_to_heads, stat_token=self.stat_token)
+                           feed_scale_to_heads=self.feed_scale_to_heads, stat_token=self.stat_token,
+                           learned_scale=self.learned_scale)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "TrainConfig":
@@ -414,13 +416,26 @@ def _log_and_register(settings, cfg, ds, w, split, model, onnx_path, out_dir, va
         mlflow.log_artifact(str(onnx_path), "onnx")  # the run holds onnx/model.onnx (CONTRACT.md)
         proto = onnx.load(str(onnx_path))
         info_m = mlflow.onnx.log_model(proto, name="onnx", onnx_execution_providers=["CPUExecutionProvider"],
-                                       registered_model_name=settings.model_name)
+                                       registered_model_name=settings.model_name,
+                                       pip_requirements=_serving_requirements())  # skips a 15 s inference
         version = str(info_m.registered_model_version)
         run_id = run.info.run_id
     registry.set_alias(settings, registry.CHALLENGER, version, f"trained in run {run_id}")
     decision = registry.promote(settings, version)
     return {"version": version, "run_id": run_id, "promoted": decision.promote, "decision": decision.reason,
             "champion_ref": champ_version, "champion_ref_note": champ_note}
+
+
+def _serving_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 # ----------------------------------------------------------------------------------- quick champion

@@ -71,7 +71,7 @@ def _register(settings, onnx_path, val: dict, ref_version: str | None = None, re
                                     f"champion_val_{t}_coverage": m["coverage"]})
         mlflow.set_tag("champion_ref_version", ref_version or "")
         mlflow.log_artifact(str(onnx_path), "onnx")
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx",
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx", pip_requirements=["onnxruntime"],
                                      registered_model_name=settings.model_name)
     return str(info.registered_model_version)
 
@@ -130,7 +130,7 @@ def test_quick_champion_then_challenger_end_to_end(settings):
     from model.train import CONFIG_DIR, TrainConfig, quick_champion, train
 
     kl = synthetic_klines(2500, seed=11)
-    s = quick_champion(kl, settings, time_budget_s=60, progress=False)
+    s = quick_champion(kl, settings, time_budget_s=45, progress=False)
     assert s["promoted"] and s["parity"]["ok"]
     version, path = registry.champion_onnx_path(settings)
     assert version == s["version"] == "1"
