@@ -119,7 +119,7 @@ class ChampionWatcher:
                 "updated_ts": _ms(getattr(mv, "last_updated_timestamp", None)),
                 "tags": dict(getattr(mv, "tags", {}) or {}),
                 "aliases": list(getattr(mv, "aliases", []) or []),
-                "promoted_ts": _promoted_ts(mv),
+                "promoted_ts": self._promotion_time(version) or _promoted_ts(mv),
                 "seen_ts": time.time(),
             }
             self.swaps.append({"from": old.spec.version if old else None, "to": version, "ts": time.time()})
@@ -192,6 +192,28 @@ class ChampionWatcher:
         except Exception:
             return None
 
+    def _promotion_time(self, version: str) -> int | None:
+        """When the alias moved to ``version``, from the model package's promotion log (registered-model
+        tags written by model.registry.set_alias), if it keeps one."""
+        try:
+            from model.registry import promotion_log
+        except ImportError:
+            return None
+        try:
+            entries = promotion_log(self.settings)
+        except Exception:
+            return None
+        import datetime as dt
+
+        for e in reversed(entries):
+            if e.get("alias") == ALIAS and str(e.get("to")) == version and e.get("action") != "rejected":
+                try:
+                    t = dt.datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+                    return int(t.timestamp() * 1000)
+                except (KeyError, TypeError, ValueError):
+                    return None
+        return None
+
     def status(self) -> dict:
         m = self.current
         return {"version": m.spec.version if m else None, "model": m.info() if m else None,
@@ -208,8 +230,8 @@ def _ms(v) -> int | None:
 
 
 def _promoted_ts(mv) -> int | None:
-    """When the version became champion: a ``promoted_ts``/``promoted_at`` tag (ms or ISO) when the
-    trainer sets one, else the version's last update (MLflow records no alias timestamp)."""
+    """Fallback for when the version became champion: a ``promoted_ts``/``promoted_at`` tag (ms or ISO),
+    else the version's last update (MLflow itself records no alias timestamp)."""
     tags = dict(getattr(mv, "tags", {}) or {})
     for key in ("promoted_ts", "promoted_at", "champion_since"):
         raw = tags.get(key)

@@ -224,8 +224,8 @@ class ModelOut(BaseModel):
     name: str = Field(description="registered model name")
     champion_version: str | None
     loaded_at: float | None = Field(description="when this API loaded it, epoch s")
-    promoted_ts: int | None = Field(description="when it became champion, epoch ms (tag promoted_ts, else the "
-                                                "version's last update)")
+    promoted_ts: int | None = Field(description="when it became champion, epoch ms (the registry's promotion log, "
+                                                "else a promoted_ts tag, else the version's last update)")
     created_ts: int | None
     run_id: str | None
     tags: dict[str, str]

@@ -398,3 +398,31 @@ def test_job_runner_runs_children_and_reports():
     with pytest.raises(JobQueueFull):
         jr.submit("slow", [sys.executable, "-c", "pass"], {})
     jr.stop()
+
+
+# ------------------------------------------------------------------------------------ restart
+def test_a_restarted_service_restores_served_minutes_pending_outcomes_and_latest(tmp_path):
+    """After a restart the predictions table tells the service which minutes it already served (no
+    duplicate forecast), which forecasts still wait for their outcome, and the latest per symbol."""
+    from api.service import ApiOptions, PredictionService
+    from api.store import OUTCOMES, PREDICTIONS, Store
+    from tickcast.config import load_settings
+
+    now = (int(time.time() * 1000) // MINUTE_MS) * MINUTE_MS
+    st = Store(str(tmp_path / "lake"))
+    rows = [{**_row(now - k * MINUTE_MS), "symbol": "BTCUSDT"} for k in (40, 3, 2)]
+    rows.append({**_row(now - MINUTE_MS), "status": "skipped", "close_path": None, "quantile_levels": None,
+                 "action": "FLAT", "strength": 0.0, "signal_reason": "no forecast: x"})
+    st.put(PREDICTIONS, rows)
+    st.put(OUTCOMES, [{"symbol": "BTCUSDT", "origin_ts": now - 40 * MINUTE_MS, "model_version": "1",
+                       "status": "complete", "joined_ts": 1}])
+    st.flush()
+    settings = load_settings(symbols=["BTCUSDT", "ETHUSDT"], lake_root=str(tmp_path / "lake"),
+                             data_dir=str(tmp_path / "d"))
+    svc = PredictionService(settings, ApiOptions(start_consumer=False, start_champion=False))
+    svc._restore()
+    assert {("BTCUSDT", now - k * MINUTE_MS, "1") for k in (40, 3, 2, 1)} <= svc.served
+    assert sorted(svc.pending_outcomes["BTCUSDT"]) == [(now - 3 * MINUTE_MS, "1"), (now - 2 * MINUTE_MS, "1")]
+    latest = svc.latest_prediction["BTCUSDT"]
+    assert latest["status"] == "skipped" and latest["signal"]["origin_ts"] == now - MINUTE_MS
+    assert "ETHUSDT" not in svc.latest_prediction
