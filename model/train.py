@@ -61,6 +61,10 @@ class TrainConfig:
     split: dict = field(default_factory=lambda: {"kind": "fraction", "val_frac": 0.15, "test_frac": 0.15})
     embargo: int = 30
     time_budget_s: float | None = None
+    # oversample the most recent training origins (closest to the forecast period): origins in the
+    # last ``recent_days`` before the end of the training part are drawn ``recent_weight`` times as often
+    recent_days: float | None = None
+    recent_weight: float = 1.0
 
     def model_config(self):
         from model.itransformer import ModelConfig
@@ -180,6 +184,11 @@ def fit_member(w: Windows, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
     val_sub = val if len(val) <= cfg.val_origins_max else np.sort(
         np.random.default_rng(12345).choice(val, cfg.val_origins_max, replace=False))
     n_per_epoch = min(len(train), cfg.origins_per_epoch)
+    p_draw = None
+    if cfg.recent_days and cfg.recent_weight != 1.0:
+        t_end = w.ts[train].max()
+        wts = np.where(w.ts[train] > t_end - cfg.recent_days * 86_400_000, cfg.recent_weight, 1.0)
+        p_draw = wts / wts.sum()
     steps_per_epoch = max(1, n_per_epoch // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1)
@@ -188,7 +197,7 @@ def fit_member(w: Windows, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        ep = rng.choice(train, n_per_epoch, replace=False)
+        ep = rng.choice(train, n_per_epoch, replace=False, p=p_draw)
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False, unit="batch")

@@ -124,11 +124,12 @@ def test_builder_layout_ts_and_y_columns_is_accepted(synth_ds):
 
 
 # ------------------------------------------------------------------------------------------ model
-def test_shapes_and_quantiles_never_cross():
+@pytest.mark.parametrize("extra", [{}, {"stat_token": True, "learned_scale": True}])
+def test_shapes_and_quantiles_never_cross(extra):
     from model.itransformer import ITransformer
 
     torch.manual_seed(0)
-    m = ITransformer(_tiny_cfg()).eval()
+    m = ITransformer(_tiny_cfg(**extra)).eval()
     with torch.no_grad():
         for p in m.parameters():  # large random weights: crossing would show up here
             p.add_(torch.randn_like(p) * 3)
@@ -392,8 +393,13 @@ def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path):
     from model.serving import open_session, read_metadata, run_onnx
 
     torch.manual_seed(0)
-    cfg = _tiny_cfg()
-    model = Ensemble([ITransformer(cfg), ITransformer(cfg)]).eval()
+    cfg = _tiny_cfg(stat_token=True, learned_scale=True)
+    members = [ITransformer(cfg), ITransformer(cfg)]
+    with torch.no_grad():  # non-trivial learned scales (they start at zero)
+        for m in members:
+            m.scale_rv.weight.normal_(0, 0.1)
+            m.scale_path.weight.normal_(0, 0.1)
+    model = Ensemble(members).eval()
     w = make_windows(load_dataset(synthetic_klines(400, seed=6), horizon=5), VARS, 32, 5)
     meta = contract_metadata(cfg, "", "tickcast-itransformer", "3")
     path = export_onnx(model, tmp_path / "m.onnx", meta, example=w.gather(w.origins[:4]))
