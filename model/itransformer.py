@@ -185,6 +185,11 @@ def _monotone_symmetric(a: torch.Tensor, mid: int) -> torch.Tensor:
     return torch.cat([med - down, med, med + up], dim=-1)
 
 
+def _bounded_exp(a: torch.Tensor, bound: float = 3.0) -> torch.Tensor:
+    """exp(bound * tanh(a / bound)): a multiplier in [e^-3, e^3], exp(a) near zero; never overflows."""
+    return torch.exp(bound * torch.tanh(a / bound))
+
+
 def _monotone_positive(a: torch.Tensor) -> torch.Tensor:
     """[..., Q] raw -> strictly positive increasing quantiles (softplus base + softplus steps)."""
     return torch.cumsum(F.softplus(a), dim=-1) + 1e-6
@@ -285,9 +290,9 @@ class ITransformer(nn.Module):
                 feats += [torch.log(torch.clamp(sel[:, -1], min=1e-8)) - log_sr,
                           torch.log(torch.clamp(sel.mean(dim=1), min=1e-8)) - log_sr]
             f = torch.cat(feats, dim=1)
-            z_path = z_path * torch.exp(self.scale_path(f)).unsqueeze(-1)
-            z_rv = z_rv * torch.exp(self.scale_rv(f))
-            z_range = z_range * torch.exp(self.scale_range(f))
+            z_path = z_path * _bounded_exp(self.scale_path(f)).unsqueeze(-1)
+            z_rv = z_rv * _bounded_exp(self.scale_rv(f))
+            z_range = z_range * _bounded_exp(self.scale_range(f))
         return {
             "z_path": z_path, "z_rv": z_rv, "z_range": z_range, "logits": logits,
             "scale_path": sigma_r.unsqueeze(1) * self.sqrt_h.unsqueeze(0),  # [B, H]
