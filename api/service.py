@@ -412,11 +412,16 @@ class PredictionService:
                         fc = build_forecast(model.spec, out, i, symbol=sym, origin_ts=origin, last_close=w.last_close,
                                             degraded=w.degraded, reasons=w.reasons, simulated=w.simulated,
                                             registry_hash=w.registry_hash, issued_ts=issued)
+                        held = self._held(sym, origin, model)
+                        sig = derive_signal(model.spec, fc, held)
                     except ForecastError as exc:
                         skips.append((sym, f"model output unusable: {exc}", w.simulated))
                         continue
-                    held = self._held(sym, origin, model)
-                    sig = derive_signal(model.spec, fc, held)
+                    except Exception as exc:  # a bug must still leave a trace for the minute, never a gap
+                        log.exception("forecast building failed", extra={"symbol": sym, "origin_ts": origin})
+                        skips.append((sym, f"internal error building the forecast: {type(exc).__name__}: {exc}",
+                                      w.simulated))
+                        continue
                     if held is None and model.spec.signal and model.spec.signal["hold"] > 1:
                         self.decisions[sym] = {"origin_ts": origin, "action": sig["action"],
                                                "strength": sig["strength"], "version": version}

@@ -101,6 +101,7 @@ class Store:
         self.last_error: str | None = None
         self.last_write_ts: float | None = None
         self.rows_written: dict[str, int] = {t: 0 for t in SCHEMAS}
+        self.dropped: dict[str, int] = {t: 0 for t in SCHEMAS}
         self._io_lock = threading.Lock()
         self.compact_every = compact_every
         self.vacuum_hours = vacuum_hours
@@ -133,6 +134,8 @@ class Store:
         self.flush()  # anything queued after the thread's last round
 
     # ------------------------------------------------------------------ writes
+    MAX_QUEUED = 200_000  # rows per table kept while the lake is unwritable (about a month of minutes)
+
     def put(self, table: str, rows: Iterable[dict]) -> None:
         with self._lock:
             bucket = self._pending[table]
@@ -140,6 +143,13 @@ class Store:
                 r = dict(r)
                 r["date"] = day_of(r["origin_ts"])
                 bucket.setdefault(_key(table, r), r)
+            if len(bucket) > self.MAX_QUEUED:  # never grow without bound: drop the oldest, loudly
+                drop = sorted(bucket, key=lambda k: k[1])[:len(bucket) - self.MAX_QUEUED]
+                for k in drop:
+                    del bucket[k]
+                self.dropped[table] += len(drop)
+                log.error("lake unwritable for too long: oldest queued rows dropped",
+                          extra={"table": table, "counts": {"dropped": len(drop)}})
         self._wake.put(1)
 
     def _run(self) -> None:
@@ -284,5 +294,5 @@ class Store:
         with self._lock:
             queued = {t: len(v) for t, v in self._pending.items()}
         return {"last_error": self.last_error, "last_write_ts": self.last_write_ts, "queued": queued,
-                "rows_written": dict(self.rows_written), "root": self.root if "://" not in self.root else
+                "rows_written": dict(self.rows_written), "dropped": dict(self.dropped), "root": self.root if "://" not in self.root else
                 self.root.split("://", 1)[0] + "://..."}
