@@ -49,8 +49,13 @@ def run(bootstrap: str | None = None, *, registry_path: str | None = None, recov
     from tickcast.logs import get_logger
 
     if metrics_port:  # Bytewax's dataflow API: /metrics (its step metrics + ours), /dataflow
+        import tempfile
+
         os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
         os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(metrics_port + (process_id or 0))
+        # it caches the rendered dataflow in a file: keep it out of the working directory
+        os.environ.setdefault("BYTEWAX_DATAFLOW_API_CACHE_PATH",
+                              os.path.join(tempfile.gettempdir(), f"tickcast-dataflow-{os.getpid()}.json"))
 
     flow = get_flow(bootstrap, registry_path, from_end)
     recovery = None
