@@ -117,6 +117,9 @@ class PredictionService:
         self.stale_logged: set[str] = set()
         self.recent_alerts: deque[dict] = deque(maxlen=500)
         self.decisions: dict[str, dict] = {}
+        # SSE events waiting to go out with the minute's batch (alerts raised while its vectors arrive),
+        # so a client gets one chunk per minute
+        self._outbox: list[tuple[str, dict, str | None]] = []
         self.consumer = None
         self.producer = None
         self.backlog_end: dict[int, int] = {}
@@ -280,6 +283,8 @@ class PredictionService:
                     log.exception("record handling failed", extra={"error": self.loop_error})
             try:
                 self._flush_batches(time.monotonic())
+                if self._outbox:  # alerts of minutes whose batch is still waiting: don't hold them back
+                    self._send_events([])
                 if time.monotonic() >= self._next_periodic:
                     self._periodic()
                 self.producer.poll(0)
@@ -470,13 +475,19 @@ class PredictionService:
             self.counts[sym]["skipped"] += 1
             self.metrics.minutes_skipped.labels(sym, _reason_kind(reason)).inc()
             log.warning("no forecast", extra={"symbol": sym, "origin_ts": origin, "reason": reason})
-        if events:
-            self.hub.publish_threadsafe(events)
-            for ev, _, _ in events:
-                self.metrics.sse_events.labels(ev).inc()
+        self._send_events(events)
         if rows:
             self.store.put(PREDICTIONS, rows)
         self.producer.poll(0)
+
+    def _send_events(self, events: list[tuple[str, dict, str | None]]) -> None:
+        """One SSE batch: the waiting alerts first, then ``events``."""
+        batch = self._outbox + events
+        self._outbox = []
+        if batch:
+            self.hub.publish_threadsafe(batch)
+            for ev, _, _ in batch:
+                self.metrics.sse_events.labels(ev).inc()
 
     def _set_latest(self, sym: str, entry: dict) -> None:
         cur = self.latest_prediction.get(sym)
@@ -594,9 +605,7 @@ class PredictionService:
                 lp["outcome"] = last
         if alert_rows:
             self.store.put(ALERTS, alert_rows)
-        if events:
-            self.hub.publish_threadsafe(events)
-            self.metrics.sse_events.labels("alert").inc(len(events))
+        self._outbox.extend(events)  # published with the minute's batch (or at the end of this loop step)
 
     def _update_psi(self, model: OnnxModel, origin: int, symbols: list[str]) -> None:
         summary = model.spec.feature_summary
