@@ -302,6 +302,44 @@ class BronzeSink(DynamicSink[tuple[str, list[tuple[str, dict]]]]):
 # ---------------------------------------------------------------------------------------------
 
 
+class _MicroBatch(op.StatefulLogic):
+    """One key's items until ``timeout`` after the *first* of them, or ``max_size`` items.
+
+    Not ``op.collect``: Bytewax's (0.21) restarts its timeout on every item, so on a steady stream
+    (no quiet gap as long as the timeout, i.e. always, live) a batch would only be written once
+    ``max_size`` rows (50,000) had piled up."""
+
+    def __init__(self, timeout: timedelta, max_size: int):
+        self.timeout, self.max_size = timeout, max_size
+        self.acc: list = []
+        self.due: datetime | None = None
+
+    def on_item(self, value):
+        if not self.acc:
+            self.due = datetime.now(UTC) + self.timeout
+        self.acc.append(value)
+        if len(self.acc) >= self.max_size:
+            return (self.acc,), op.StatefulLogic.DISCARD
+        return (), op.StatefulLogic.RETAIN
+
+    def on_notify(self):
+        return (self.acc,), op.StatefulLogic.DISCARD
+
+    def on_eof(self):
+        return (self.acc,), op.StatefulLogic.DISCARD
+
+    def notify_at(self) -> datetime | None:
+        return self.due
+
+    def snapshot(self) -> None:
+        return None  # no Bytewax recovery here: the offsets live in the Delta tables
+
+
+def micro_batch(step_id: str, up, timeout: timedelta, max_size: int):
+    """Keyed items -> lists, each closed ``timeout`` after its first item or at ``max_size``."""
+    return op.stateful(step_id, up, lambda _resume: _MicroBatch(timeout, max_size))
+
+
 def build_flow(cfg: ArchiveConfig) -> Dataflow:
     """kafka -> decode -> micro-batch per partition index -> Delta."""
     from tickcast.serde import default_serde
@@ -314,8 +352,7 @@ def build_flow(cfg: ArchiveConfig) -> Dataflow:
     msgs = op.input("kafka_raw", flow, KafkaIndexSource(cfg))
     rows = op.map("decode", msgs, lambda m: decode_message(serde, topics, m))
     keyed = op.key_on("by_partition_index", rows, lambda tr: f"p{tr[1]['kafka_partition']}")
-    batches = op.collect("micro_batch", keyed, timeout=timedelta(seconds=cfg.batch_seconds),
-                         max_size=cfg.batch_max_rows)
+    batches = micro_batch("micro_batch", keyed, timedelta(seconds=cfg.batch_seconds), cfg.batch_max_rows)
     op.output("delta_bronze", batches, BronzeSink(cfg.lake))
     return flow
 

@@ -216,3 +216,52 @@ def test_writer_skips_offsets_a_table_already_committed(tmp_path):
     assert lake.committed_offset("raw_trades", "market.trades", 1) is None
     # the rows of one file are in gw_seq order (what the replay merges on)
     assert pc.all(pc.equal(at.column("gw_seq"), at.column("kafka_offset"))).as_py()
+
+
+def test_micro_batches_close_by_time_while_rows_keep_coming():
+    """A steady stream (a row every 50 ms, never a quiet gap) must be written every ``batch_seconds``,
+    not only when ``batch_max_rows`` fill up (Bytewax's op.collect restarts its timeout on every item,
+    so a live archive used to commit only every 50,000 rows)."""
+    import time
+    from datetime import timedelta
+
+    from bytewax import operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.inputs import DynamicSource, StatelessSourcePartition
+    from bytewax.outputs import DynamicSink, StatelessSinkPartition
+    from bytewax.testing import run_main
+
+    from flows.archive import micro_batch
+
+    class Steady(StatelessSourcePartition):
+        def __init__(self):
+            self.n = 0
+
+        def next_batch(self):
+            if self.n >= 40:
+                raise StopIteration()
+            time.sleep(0.05)
+            self.n += 1
+            return [("k", (self.n, time.monotonic()))]
+
+    class Src(DynamicSource):
+        def build(self, step_id, worker_index, worker_count):
+            return Steady()
+
+    batches = []
+
+    class Sink(DynamicSink):
+        def build(self, step_id, worker_index, worker_count):
+            class P(StatelessSinkPartition):
+                def write_batch(self, items):
+                    batches.extend((b, time.monotonic()) for _k, b in items)
+            return P()
+
+    flow = Dataflow("micro_batch_test")
+    keyed = op.input("in", flow, Src())
+    op.output("out", micro_batch("mb", keyed, timedelta(seconds=0.3), 10_000), Sink())
+    run_main(flow)
+    assert [x[0] for b, _ in batches for x in b] == list(range(1, 41))  # every item once, in order
+    assert len(batches) >= 4, [len(b) for b, _ in batches]
+    for b, emitted in batches[:-1]:  # each batch leaves at most ~timeout after its first item
+        assert emitted - b[0][1] < 0.3 + 0.5, (emitted - b[0][1], len(b))
