@@ -116,8 +116,10 @@ class Supervisor:
         tmp.replace(self.status_file)
 
     def add(self, c: Component) -> None:
-        self.components.append(c)
+        # spawn first: a supervise() thread running meanwhile must never see it without a process
+        # (it would start a second copy)
         self.spawn(c)
+        self.components.append(c)
 
     def supervise(self, until: threading.Event | None = None, tick: float = 0.2) -> None:
         last_status = 0.0
@@ -175,11 +177,15 @@ def resolve_source(settings: Settings) -> str:
     return "local"
 
 
-def market_components(settings: Settings, source: str, env: dict) -> list[Component]:
+def market_components(settings: Settings, source: str, env: dict,
+                      exchange_args: tuple[str, ...] = ()) -> list[Component]:
+    """``exchange_args``: extra options of the local exchange (later ones win: ``tickcast soak``
+    passes its seed, history length and an unbounded sent log)."""
     out = []
     if source == "local":
         port = _port(settings.gateway_local_url, 8765)
-        out.append(Component("exchange", TICKCAST + ["exchange", "--port", str(port), "--history-days", "7"], env,
+        out.append(Component("exchange", TICKCAST + ["exchange", "--port", str(port), "--history-days", "7",
+                                                     *exchange_args], env,
                              url=f"ws://127.0.0.1:{port}/v5/public/linear (SIMULATED market)",
                              health=f"http://127.0.0.1:{port}/v5/market/tickers?category=linear"))
         news_port = _port(settings.news_local_url, 8790)
@@ -225,15 +231,17 @@ def serving_components(settings: Settings, env: dict) -> list[Component]:
     return out
 
 
-def bootstrap_champion(settings: Settings, env: dict, log_dir: Path) -> bool:
+def bootstrap_champion(settings: Settings, env: dict, log_dir: Path, args: tuple[str, ...] = ()) -> bool:
     """First run: backfill kline history, build a kline dataset, train a small champion (<= 3 min).
-    Runs in the foreground so its progress bars show; returns whether a champion exists afterwards."""
+    Runs in the foreground so its progress bars show; returns whether a champion exists afterwards.
+    ``args``: options of ``python -m tickcast.bootstrap`` (``--days``, ``--time-budget-s``)."""
     from model import registry
 
     if registry.alias_version(settings, registry.CHAMPION) is not None:
         return True
     print("no champion model yet: backfilling history and training a small one (about 3 minutes)...", flush=True)
-    rc = subprocess.call([PY, "-m", "tickcast.bootstrap"], env={**os.environ, **env}, preexec_fn=_die_with_parent)
+    rc = subprocess.call([PY, "-m", "tickcast.bootstrap", *args], env={**os.environ, **env},
+                         preexec_fn=_die_with_parent)
     if rc != 0:
         print(f"!! bootstrap failed with code {rc}: the API runs without a model (see the messages above)",
               file=sys.stderr, flush=True)
