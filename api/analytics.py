@@ -19,15 +19,14 @@ carries it, else recovered from ``body_rel_1m = (C - O) / O`` as ``O = C / (1 + 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
-
-from flows.targets import forward_targets
 
 from api.forecasting import ForecastError, build_forecast, derive_signal
 from api.modelrt import OnnxModel
 from api.window import MINUTE_MS, MinuteObs, SymbolHistory, assemble_window, finite
+from flows.targets import forward_targets
 
 POSITION = {"BUY": 1.0, "SELL": -1.0, "FLAT": 0.0}
 
@@ -174,7 +173,7 @@ def pnl_from_store(candles: Iterable[dict], predictions: Iterable[dict], *, fee_
                      columns=["origin_ts", "open", "close"])
     counts = {"BUY": 0, "SELL": 0, "FLAT": 0, "none": 0}
     if len(c) < 2:
-        return {"stats": None, "equity": [], "signals": counts, "minutes": int(len(c)),
+        return {"stats": None, "equity": [], "signals": counts, "minutes": len(c),
                 "reason": "fewer than 2 stored candles in the period"}
     c = c.sort_values("origin_ts").drop_duplicates("origin_ts")
     pos = []
@@ -187,5 +186,5 @@ def pnl_from_store(candles: Iterable[dict], predictions: Iterable[dict], *, fee_
     r = run_backtest(c["origin_ts"].to_numpy(np.int64), c["open"].to_numpy(float), c["close"].to_numpy(float),
                      np.asarray(pos), cfg)
     equity = [{"minute_ts": int(t), "equity": float(e)} for t, e in zip(r.ts, r.equity)]
-    return {"stats": r.stats, "equity": _downsample(equity), "signals": counts, "minutes": int(len(c)),
+    return {"stats": r.stats, "equity": _downsample(equity), "signals": counts, "minutes": len(c),
             "config": cfg.to_dict(), "reason": None}

@@ -14,12 +14,11 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-from tickcast.logs import get_logger
 
 from api.modelrt import ModelContractError, OnnxModel
+from tickcast.logs import get_logger
 
 log = get_logger("api.champion")
 
@@ -48,7 +47,7 @@ class ChampionWatcher:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "ChampionWatcher":
+    def start(self) -> ChampionWatcher:
         self._thread = threading.Thread(target=self._run, name="api-champion", daemon=True)
         self._thread.start()
         return self
@@ -208,7 +207,7 @@ class ChampionWatcher:
         for e in reversed(entries):
             if e.get("alias") == ALIAS and str(e.get("to")) == version and e.get("action") != "rejected":
                 try:
-                    t = dt.datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+                    t = dt.datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
                     return int(t.timestamp() * 1000)
                 except (KeyError, TypeError, ValueError):
                     return None

@@ -15,7 +15,7 @@ stable, 0.1-0.25 moderate shift, > 0.25 large shift.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -35,7 +35,7 @@ import secrets
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request
@@ -44,16 +44,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tickcast.config import Settings, get_settings
-from tickcast.logs import get_logger
-
 from api import schemas as S
 from api.jobs import JobQueueFull, JobRunner, settings_env
 from api.metrics import ApiMetrics
 from api.service import ApiOptions, PredictionService
 from api.sse import EventHub
 from api.store import ALERTS, CANDLES, OUTCOMES, PREDICTIONS
-from api.window import MINUTE_MS
+from tickcast.config import Settings, get_settings
+from tickcast.logs import get_logger
 
 log = get_logger("api")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -97,7 +95,7 @@ def parse_time(raw: str | None, name: str) -> int | None:
             raise HTTPException(422, f"{name}: {raw[:60]!r} is neither epoch milliseconds nor an ISO 8601 time "
                                      "(e.g. 2026-11-21T10:00:00Z)") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=_dt.timezone.utc)
+            dt = dt.replace(tzinfo=_dt.UTC)
         try:
             ms = int(dt.timestamp() * 1000)
         except (OverflowError, OSError, ValueError):

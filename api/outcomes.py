@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flows.targets import forward_targets
-
 from api.window import MINUTE_MS, SymbolHistory
+from flows.targets import forward_targets
 
 HIGH_NAMES = ("high", "high_1m")
 LOW_NAMES = ("low", "low_1m")

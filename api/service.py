@@ -27,21 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from flows.targets import DEFAULT_FLAT_THRESHOLD
-from tickcast.logs import get_logger
-from tickcast.serde import Serde, SerdeError
-from tickcast.topics import DEAD_LETTER, FEATURES_LIVE, SIGNALS_LIVE
-
 from api import drift
+from api.analytics import candle_of
 from api.champion import ChampionWatcher
 from api.forecasting import ForecastError, build_forecast, derive_signal, no_forecast_signal
 from api.metrics import ApiMetrics
 from api.modelrt import OnnxModel
 from api.outcomes import compute_outcome, horizon_status
 from api.sse import EventHub
-from api.analytics import candle_of
 from api.store import ALERTS, CANDLES, OUTCOMES, PREDICTIONS, Store
 from api.window import MINUTE_MS, MinuteObs, SymbolHistory, assemble_window
+from flows.targets import DEFAULT_FLAT_THRESHOLD
+from tickcast.logs import get_logger
+from tickcast.serde import Serde, SerdeError
+from tickcast.topics import DEAD_LETTER, FEATURES_LIVE, SIGNALS_LIVE
 
 log = get_logger("api.loop")
 

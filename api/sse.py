@@ -17,8 +17,8 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 _CLOSE = object()
 
@@ -57,7 +57,7 @@ class EventHub:
         self.buffer: deque[Event] = deque(maxlen=buffer_size)
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
-        self.heartbeat_info = heartbeat_info or (lambda: {})
+        self.heartbeat_info = heartbeat_info or (dict)
         self.on_drop = on_drop
         self.subs: set[Subscription] = set()
         self._next_id = int(time.time() * 1_000_000)

@@ -22,7 +22,8 @@ import posixpath
 import queue
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -79,7 +80,7 @@ KEYS: dict[str, tuple[str, ...]] = {
 
 
 def day_of(ms: int) -> str:
-    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.timezone.utc).strftime("%Y-%m-%d")
+    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC).strftime("%Y-%m-%d")
 
 
 def _key(table: str, row: dict) -> tuple:
@@ -119,7 +120,7 @@ class Store:
 
         return os.path.join(os.path.abspath(self.root), table)
 
-    def start(self) -> "Store":
+    def start(self) -> Store:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="api-store", daemon=True)
             self._thread.start()

@@ -101,7 +101,7 @@ class SymbolHistory:
     def get(self, minute: int) -> MinuteObs | None:
         return self._rows.get(minute)
 
-    def snapshot(self) -> "SymbolHistory":
+    def snapshot(self) -> SymbolHistory:
         """A consistent copy for readers on other threads (the inference loop keeps mutating)."""
         with self._lock:
             cp = SymbolHistory(self.capacity)

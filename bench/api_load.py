@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import re
@@ -116,7 +115,7 @@ def build_model(work: Path) -> tuple[Path, str, list[str], int]:
                 "dow_sin", "dow_cos"]
     path = work / "model" / "model.onnx"
     try:
-        import torch  # noqa: F401 - the bench may use torch; the API never does
+        import torch
 
         from model.export import contract_metadata, export_onnx
         from model.itransformer import ITransformer
@@ -273,7 +272,9 @@ def inference_publish(bootstrap: str, model_path: Path, feed: Feed, work: Path, 
 
     settings = load_settings(symbols=SYMBOLS, kafka_bootstrap=bootstrap, lake_root=str(work / "lake3"),
                              data_dir=str(work / "data3"))
-    svc = PredictionService(settings, ApiOptions(start_consumer=False, start_champion=False))
+    # the store's Delta write runs 3 s after each minute in production, never during the next minute's
+    # step; here steps come every 20 ms, so the writer is held until the end to keep that separation
+    svc = PredictionService(settings, ApiOptions(start_consumer=False, start_champion=False, store_flush_s=3600))
 
     class _Champion:  # the loaded champion, as the watcher holds it
         current = OnnxModel(model_path, "1")

@@ -109,7 +109,7 @@ class SSE:
                     if line.startswith(":"):
                         continue
                     k, _, v = line.partition(":")
-                    v = v[1:] if v.startswith(" ") else v
+                    v = v.removeprefix(" ")
                     ev[k] = ev[k] + "\n" + v if k == "data" and k in ev else v
         except Exception:
             pass
@@ -655,8 +655,11 @@ def test_openapi_fuzz_finds_no_server_error(server):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     schema = schemathesis.openapi.from_url(server["base"] + "/openapi.json")
     schema = schema.exclude(path="/signals/stream")
