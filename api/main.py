@@ -497,9 +497,10 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
                        "sse_clients": len(hub.subs), "psi_note": note})
 
     @app.get("/health", response_model=S.HealthOut, tags=["operations"],
-             responses={503: {"model": S.HealthOut, "description": "a critical component is down"}})
+             responses={503: {"model": S.HealthOut, "description": "the broker is down"}})
     def health(response: Response) -> dict:
-        """Per component: broker, model, features (age of the last m1 vector per symbol), store, stream."""
+        """Per component: broker, model, features (age of the last m1 vector per symbol), store, stream.
+        HTTP 503 only when the broker is down; no champion yet is ``degraded``."""
         comps: dict[str, dict] = {}
         b = service.broker_state
         comps["broker"] = {"status": b["status"], "detail": {"error": b.get("detail"),
@@ -530,7 +531,9 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         if service.loop_error:
             comps["broker"]["detail"]["loop_error"] = service.loop_error
         statuses = [c["status"] for c in comps.values()]
-        overall = ("down" if comps["broker"]["status"] == "down" or comps["model"]["status"] == "down"
+        # down (503) only when the broker is: without features nothing can work, and a restart may help;
+        # a missing champion keeps the service up and honest (every minute says "no forecast: ...")
+        overall = ("down" if comps["broker"]["status"] == "down"
                    else "starting" if "starting" in statuses
                    else "degraded" if any(s != "ok" for s in statuses) else "ok")
         if overall == "down":
