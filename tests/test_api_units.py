@@ -426,3 +426,39 @@ def test_a_restarted_service_restores_served_minutes_pending_outcomes_and_latest
     latest = svc.latest_prediction["BTCUSDT"]
     assert latest["status"] == "skipped" and latest["signal"]["origin_ts"] == now - MINUTE_MS
     assert "ETHUSDT" not in svc.latest_prediction
+
+
+def test_without_a_champion_every_minute_still_gets_a_flat_signal_with_the_reason(tmp_path):
+    from api.service import ApiOptions, PredictionService
+    from api.store import PREDICTIONS
+    from tickcast.config import load_settings
+
+    settings = load_settings(symbols=["BTCUSDT"], lake_root=str(tmp_path / "lake"), data_dir=str(tmp_path / "d"))
+    svc = PredictionService(settings, ApiOptions(start_consumer=False, start_champion=False))
+
+    class NoChampion:
+        current = None
+        last_error = "no 'champion' alias on registered model 'tickcast-itransformer'"
+
+    class Producer:
+        def __init__(self):
+            self.sent = []
+
+        def produce(self, topic, key, value, on_delivery=None):
+            self.sent.append((topic, key))
+
+        def poll(self, *_):
+            return 0
+
+    svc.champion = NoChampion()
+    svc.producer = Producer()
+    for i in range(3):
+        o = obs(i)
+        svc._on_minute({"symbol": "BTCUSDT", "window_end": o.minute + MINUTE_MS, "values": o.values,
+                        "venue": o.venue, "registry_hash": "", "book_valid": True, "nulls": {}, "emit_ts": 0},
+                       backlog=False)
+    rows = svc.store.query(PREDICTIONS)
+    assert [r["origin_ts"] for r in rows] == [T0 + i * MINUTE_MS for i in range(3)]
+    assert all(r["status"] == "skipped" and "no 'champion' alias" in r["reason"] for r in rows)
+    assert svc.latest_prediction["BTCUSDT"]["signal"]["action"] == "FLAT"
+    assert len(svc.producer.sent) == 3 and svc.counts["BTCUSDT"]["skipped"] == 3
