@@ -74,6 +74,10 @@ class ModelConfig:
     # so training starts from the paper's de-normalisation
     learned_scale: bool = False
     scale_variates: list[str] = field(default_factory=lambda: ["rv_15m", "rv_60m", "parkinson_15m", "range_rel_1m"])
+    # intraday seasonality of the scale: harmonics k = 1..n of the minute of day at t (from the
+    # tod_sin / tod_cos variates of the last row) and the day of week, added to the learned-scale
+    # features (the future window's harmonics are linear in these, so one linear map serves every h)
+    time_harmonics: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -231,8 +235,12 @@ class ITransformer(nn.Module):
         self.scale_idx = [self.value_idx.index(cfg.variates.index(v)) for v in cfg.scale_variates
                           if v in cfg.variates and cfg.variates.index(v) in self.value_idx]
         self.register_buffer("scale_sel", torch.tensor(self.scale_idx, dtype=torch.long), persistent=False)
+        tv = cfg.variates
+        self.tod_idx = (tv.index("tod_sin"), tv.index("tod_cos")) if {"tod_sin", "tod_cos"} <= set(tv) else None
+        self.dow_idx = (tv.index("dow_sin"), tv.index("dow_cos")) if {"dow_sin", "dow_cos"} <= set(tv) else None
+        self.n_harm = cfg.time_harmonics if (cfg.learned_scale and self.tod_idx is not None) else 0
         if cfg.learned_scale:
-            n_feat = 2 * len(self.scale_idx) + 2
+            n_feat = 2 * len(self.scale_idx) + 2 + 2 * self.n_harm + (2 if self.n_harm and self.dow_idx else 0)
             self.scale_path = nn.Linear(n_feat, H)
             self.scale_rv = nn.Linear(n_feat, 1)
             self.scale_range = nn.Linear(n_feat, 1)
@@ -289,6 +297,14 @@ class ITransformer(nn.Module):
             if sel is not None:
                 feats += [torch.log(torch.clamp(sel[:, -1], min=1e-8)) - log_sr,
                           torch.log(torch.clamp(sel.mean(dim=1), min=1e-8)) - log_sr]
+            if self.n_harm:
+                s1, c1 = x[:, -1, self.tod_idx[0]], x[:, -1, self.tod_idx[1]]
+                sk, ck = s1, c1
+                for k in range(self.n_harm):
+                    feats += [sk.unsqueeze(1), ck.unsqueeze(1)]
+                    sk, ck = sk * c1 + ck * s1, ck * c1 - sk * s1  # angle addition: (k+1) theta
+                if self.dow_idx is not None:
+                    feats += [x[:, -1, self.dow_idx[0]].unsqueeze(1), x[:, -1, self.dow_idx[1]].unsqueeze(1)]
             f = torch.cat(feats, dim=1)
             z_path = z_path * _bounded_exp(self.scale_path(f)).unsqueeze(-1)
             z_rv = z_rv * _bounded_exp(self.scale_rv(f))

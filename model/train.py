@@ -46,6 +46,7 @@ class TrainConfig:
     feed_scale_to_heads: bool = True
     stat_token: bool = False
     learned_scale: bool = False
+    time_harmonics: int = 0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -74,7 +75,7 @@ class TrainConfig:
                            e_layers=self.e_layers, d_ff=self.d_ff, dropout=self.dropout,
                            use_time_tokens=self.use_time_tokens, flat_threshold=self.flat_threshold,
                            feed_scale_to_heads=self.feed_scale_to_heads, stat_token=self.stat_token,
-                           learned_scale=self.learned_scale)
+                           learned_scale=self.learned_scale, time_harmonics=self.time_harmonics)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "TrainConfig":

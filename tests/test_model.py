@@ -124,7 +124,7 @@ def test_builder_layout_ts_and_y_columns_is_accepted(synth_ds):
 
 
 # ------------------------------------------------------------------------------------------ model
-@pytest.mark.parametrize("extra", [{}, {"stat_token": True, "learned_scale": True}])
+@pytest.mark.parametrize("extra", [{}, {"stat_token": True, "learned_scale": True, "time_harmonics": 4}])
 def test_shapes_and_quantiles_never_cross(extra):
     from model.itransformer import ITransformer
 
@@ -393,7 +393,7 @@ def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path):
     from model.serving import open_session, read_metadata, run_onnx
 
     torch.manual_seed(0)
-    cfg = _tiny_cfg(stat_token=True, learned_scale=True)
+    cfg = _tiny_cfg(stat_token=True, learned_scale=True, time_harmonics=3)
     members = [ITransformer(cfg), ITransformer(cfg)]
     with torch.no_grad():  # non-trivial learned scales (they start at zero)
         for m in members:
