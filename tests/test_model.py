@@ -442,3 +442,32 @@ def test_paper_check_runs_the_paper_protocol_on_a_csv(tmp_path):
               progress=False)
     assert res[0]["horizon"] == 12 and res[0]["test_windows"] == int(n * 0.2) - 12 + 1
     assert res[0]["mse"] < 0.2  # periodic data: far below the 1.0 of predicting the mean
+
+
+def test_loads_a_dataset_built_by_the_dataset_builder(tmp_path):
+    """flows/datasets.py output (ts, y_* targets, list-valued y_close_path, manifest) by dataset id."""
+    datasets = pytest.importorskip("flows.datasets")
+    from flows.kline_history import import_kline_file
+    from flows.lake import Lake
+
+    lake = Lake(str(tmp_path / "lake"))
+    import_kline_file(lake, KLINES / "BTCUSDT_1m_bybit_linear_20250530.csv", symbol="BTCUSDT")
+    kl = load_klines_csv(KLINES / "BTCUSDT_1m_bybit_linear_20250530.csv")
+    t0 = int(kl["minute_ts"].iloc[0])
+    spec = datasets.DatasetSpec.from_dict({"symbols": ["BTCUSDT"], "from": t0 + 61 * MINUTE_MS,
+                                           "to": t0 + 300 * MINUTE_MS})
+    m = datasets.build_dataset(spec, lake=lake, data_dir=tmp_path, publish=False)
+    ds = load_dataset(m["dataset_id"], data_dir=tmp_path, allow_paths=False)
+    assert ds.manifest["dataset_id"] == m["dataset_id"]
+    w = make_windows(ds, VARS, lookback=30, horizon=30)
+    assert len(w.origins) > 100
+    # the same minutes built here from the CSV give the same inputs and targets
+    mine = make_windows(load_dataset(KLINES / "BTCUSDT_1m_bybit_linear_20250530.csv"), VARS, 30, 30)
+    common = np.intersect1d(w.ts[w.origins], mine.ts[mine.origins])
+    assert len(common) > 100
+    a = w.origins[np.isin(w.ts[w.origins], common)]
+    b = mine.origins[np.isin(mine.ts[mine.origins], common)]
+    np.testing.assert_allclose(w.gather(a), mine.gather(b), rtol=1e-6)
+    np.testing.assert_allclose(w.path[a], mine.path[b], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(w.rv[a], mine.rv[b], rtol=1e-12)
+    np.testing.assert_allclose(w.range_rel[a], mine.range_rel[b], rtol=1e-12)
