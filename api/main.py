@@ -27,6 +27,7 @@ mutating (bearer token TICKCAST_API_TOKEN; none configured = 503, wrong/missing 
   POST /feature-registry/reload       re-read and validate flows/features.yaml, compare hashes
 """
 import datetime as _dt
+import gc
 import json
 import math
 import pathlib
@@ -138,6 +139,7 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     async def lifespan(app: FastAPI):
         hub.start()
         await anyio.to_thread.run_sync(service.start)
+        gc.freeze()  # everything loaded so far is permanent: full collections stay short under load
         log.info("api started", extra={"counts": {"symbols": len(symbols)}})
         try:
             yield

@@ -133,6 +133,7 @@ class PredictionService:
         self._model_ready = threading.Event()
         self._next_periodic = 0.0
         self._last_msg = time.monotonic()
+        self._frozen = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -274,6 +275,12 @@ class PredictionService:
             elif not self.caught_up.is_set() and time.monotonic() - self._last_msg > 2.0:
                 self.caught_up.set()  # the backlog is drained (whatever the broker's watermarks said)
                 log.info("caught up with features.live (quiet)")
+            if self.caught_up.is_set() and not self._frozen:
+                self._frozen = True
+                import gc
+
+                gc.collect()
+                gc.freeze()  # the state rebuilt from the backlog is long-lived: keep it out of full collections
             for m in msgs:
                 try:
                     self._handle(m)
