@@ -256,6 +256,7 @@ def test_forecast_and_signal_reach_sse_latest_and_kafka_within_the_minute(server
                 pub.minute(sym, t0 + i * MIN, calm(i))
             pub.flush()
             sent_us[t0 + i * MIN] = time.time_ns() // 1000
+            time.sleep(0.1)  # minutes come one after the other (60 s apart live), not as one burst
         last = t0 + L * MIN
         sse.wait(lambda s: [e for e in s.of("forecast", A) + s.of("forecast", B) if e["data"]["origin_ts"] == last]
                  if len([e for e in s.of("forecast") if e["data"]["origin_ts"] == last]) == 2 else None)
