@@ -54,11 +54,16 @@ def main(argv=None) -> int:
     kl = pd.concat([synthetic_klines(n_rows, seed=i, symbol=s) for i, s in
                     enumerate(["BTCUSDT", "ETHUSDT", "LTCUSDT", "POLUSDT"])], ignore_index=True)
     ds = load_dataset(kl, horizon=cfg.horizon)
-    w = make_windows(ds, cfg.variates, cfg.lookback, cfg.horizon)
+    w = make_windows(ds, cfg.variates, cfg.window_lookback, cfg.horizon)
     last = [w.origins[w.symbol[w.origins] == s].max() for s in ("BTCUSDT", "ETHUSDT", "LTCUSDT", "POLUSDT")]
     x = w.gather(np.array(last))  # [4, L, V]: the newest window of each symbol
     torch.manual_seed(0)
-    model = ITransformer(cfg.model_config()).eval()
+    if cfg.members:  # a heterogeneous ensemble config: the whole ensemble is what gets served
+        from model.itransformer import Ensemble
+
+        model = Ensemble([ITransformer(cfg.member(k).model_config()) for k in range(len(cfg.members))]).eval()
+    else:
+        model = ITransformer(cfg.model_config()).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx", contract_metadata(model.cfg), example=x)
         par = parity_check(model, path, w.gather(w.origins[-8:]))
@@ -87,15 +92,16 @@ def main(argv=None) -> int:
     cfg.threads = a.threads
     n = len(w.origins)
     tr, va = w.origins[: int(n * 0.9)], w.origins[int(n * 0.9):][:2000]
-    _, info = fit_member(w, tr, va, cfg, seed=0, progress=True, desc="bench")
+    _, info = fit_member(w, tr, va, cfg.member(0), seed=0, progress=True, desc="bench")
     epoch_s = info["history"][0]["seconds"]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {a.config} lookback {cfg.lookback}, {len(cfg.variates)} variates, d_model {cfg.d_model}, "
-          f"{cfg.e_layers} layers, {n_params} parameters; batch of 4 symbols; {a.threads} thread(s)")
+    print(f"model: {a.config} lookback {cfg.window_lookback}, {len(cfg.variates)} variates, d_model {cfg.d_model}, "
+          f"{cfg.e_layers} layers, {max(1, len(cfg.members))} member(s), {n_params} parameters; batch of 4 symbols; "
+          f"{a.threads} thread(s)")
     print(f"parity ORT vs torch: max abs diff batch 1 {par[1]:.2e}, batch 8 {par[8]:.2e}")
     print(f"torch eager: p50 {_pct(t_torch, 50):.3f} ms, p99 {_pct(t_torch, 99):.3f} ms")
     print(f"training: {epoch_s:.1f} s per epoch of {min(len(tr), cfg.origins_per_epoch)} windows "
-          f"(batch {cfg.batch_size})")
+          f"(batch {cfg.batch_size}, one member)")
     print(f"RESULT train_epoch_s={epoch_s:.2f}")
     print(f"RESULT torch_p50_ms={_pct(t_torch, 50):.4f}")
     print(f"RESULT p50_ms={_pct(t_onnx, 50):.4f}")

@@ -150,8 +150,8 @@ def compare_variate_configs(dataset, cfg_a, cfg_b, settings=None, names=("baseli
     from model.train import fit_model, make_split, predict
 
     ds = dataset if hasattr(dataset, "frame") else load_dataset(dataset)
-    wa = make_windows(ds, cfg_a.variates, cfg_a.lookback, cfg_a.horizon, cfg_a.flat_threshold)
-    wb = make_windows(ds, cfg_b.variates, cfg_b.lookback, cfg_b.horizon, cfg_b.flat_threshold)
+    wa = make_windows(ds, cfg_a.variates, cfg_a.window_lookback, cfg_a.horizon, cfg_a.flat_threshold)
+    wb = make_windows(ds, cfg_b.variates, cfg_b.window_lookback, cfg_b.horizon, cfg_b.flat_threshold)
     if not (np.array_equal(wa.ts, wb.ts) and np.array_equal(wa.symbol, wb.symbol)):
         raise ValueError("the two configurations see different minute grids")
     common = np.intersect1d(wa.origins, wb.origins)

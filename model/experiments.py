@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig.load(args.config, **_parse_sets(args.set))
     cfg.split = REAL_SPLIT
     ds = build_real_dataset(progress=False)
-    w = make_windows(ds, cfg.variates, cfg.lookback, cfg.horizon, cfg.flat_threshold)
+    w = make_windows(ds, cfg.variates, cfg.window_lookback, cfg.horizon, cfg.flat_threshold)
     sp = make_split(w, cfg.split, cfg.embargo)
     t0 = time.perf_counter()
     if args.what == "baselines":

@@ -78,6 +78,8 @@ class ModelConfig:
     # tod_sin / tod_cos variates of the last row) and the day of week, added to the learned-scale
     # features (the future window's harmonics are linear in these, so one linear map serves every h)
     time_harmonics: int = 0
+    # EWMA volatilities of the window's 1-min returns (half-lives in minutes) as learned-scale features
+    ewma_halflives: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,8 +241,13 @@ class ITransformer(nn.Module):
         self.tod_idx = (tv.index("tod_sin"), tv.index("tod_cos")) if {"tod_sin", "tod_cos"} <= set(tv) else None
         self.dow_idx = (tv.index("dow_sin"), tv.index("dow_cos")) if {"dow_sin", "dow_cos"} <= set(tv) else None
         self.n_harm = cfg.time_harmonics if (cfg.learned_scale and self.tod_idx is not None) else 0
+        hl = list(cfg.ewma_halflives) if cfg.learned_scale else []
+        k = torch.arange(cfg.lookback - 1, -1, -1, dtype=torch.float32)  # age of each row, newest = 0
+        ew = torch.stack([torch.pow(0.5, k / h) for h in hl], dim=1) if hl else torch.zeros(cfg.lookback, 0)
+        self.register_buffer("ewma_w", ew / ew.sum(0, keepdim=True).clamp(min=1e-12), persistent=False)
         if cfg.learned_scale:
-            n_feat = 2 * len(self.scale_idx) + 2 + 2 * self.n_harm + (2 if self.n_harm and self.dow_idx else 0)
+            n_feat = (2 * len(self.scale_idx) + 2 + 2 * self.n_harm + (2 if self.n_harm and self.dow_idx else 0)
+                      + len(hl))
             self.scale_path = nn.Linear(n_feat, H)
             self.scale_rv = nn.Linear(n_feat, 1)
             self.scale_range = nn.Linear(n_feat, 1)
@@ -262,6 +269,7 @@ class ITransformer(nn.Module):
     def forward_scaled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         H, Q = cfg.horizon, len(cfg.quantiles)
+        x = x[:, x.shape[1] - cfg.lookback:]  # an ensemble may feed a longer window: use the newest rows
         xv = x.index_select(2, self.value_sel)
         xn, mean, std = per_window_norm(xv)
         if self.time_idx:
@@ -297,6 +305,10 @@ class ITransformer(nn.Module):
             if sel is not None:
                 feats += [torch.log(torch.clamp(sel[:, -1], min=1e-8)) - log_sr,
                           torch.log(torch.clamp(sel.mean(dim=1), min=1e-8)) - log_sr]
+            if self.ewma_w.shape[1]:
+                r = xv[:, :, self.ret_tok]
+                ewv = torch.matmul(r * r, self.ewma_w)  # [B, n_halflives] EWMA of squared returns
+                feats.append(0.5 * torch.log(ewv + 1e-14) - log_sr)
             if self.n_harm:
                 s1, c1 = x[:, -1, self.tod_idx[0]], x[:, -1, self.tod_idx[1]]
                 sk, ck = s1, c1
@@ -329,7 +341,8 @@ class Ensemble(nn.Module):
     def __init__(self, members: list[ITransformer]):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.cfg = members[0].cfg
+        # members may differ in size and lookback; the ensemble reads the longest window
+        self.cfg = max((m.cfg for m in members), key=lambda c: c.lookback)
 
     def forward(self, x: torch.Tensor):
         outs = [m(x) for m in self.members]

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig.load(a.config)
     torch.set_num_threads(max(1, cfg.threads))
     ds = build_real_dataset(progress=True)
-    w = make_windows(ds, cfg.variates, cfg.lookback, cfg.horizon, cfg.flat_threshold)
+    w = make_windows(ds, cfg.variates, cfg.window_lookback, cfg.horizon, cfg.flat_threshold)
     test_start = int(pd.Timestamp(TEST_START).value // 10**6)
     test_end = int(w.ts[w.origins].max())
     folds = walk_forward(w.origins, w.ts, test_start, test_end, a.folds, cfg.horizon, cfg.embargo,

@@ -47,6 +47,7 @@ class TrainConfig:
     stat_token: bool = False
     learned_scale: bool = False
     time_harmonics: int = 0
+    ewma_halflives: list = field(default_factory=list)
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -55,6 +56,9 @@ class TrainConfig:
     origins_per_epoch: int = 60_000
     val_origins_max: int = 20_000
     ensemble: int = 1
+    # per-member overrides for a heterogeneous ensemble (e.g. [{}, {"d_model": 128}, {"lookback": 240}]);
+    # when given, the ensemble has len(members) members
+    members: list = field(default_factory=list)
     seed: int = 0
     threads: int = 1
     raw_weighting: bool = False
@@ -67,6 +71,19 @@ class TrainConfig:
     recent_days: float | None = None
     recent_weight: float = 1.0
 
+    @property
+    def window_lookback(self) -> int:
+        """The window length the data must provide (the longest member's lookback)."""
+        return max([self.lookback] + [int(m.get("lookback", self.lookback)) for m in self.members])
+
+    def member(self, k: int) -> "TrainConfig":
+        if not self.members:
+            return self
+        d = self.to_dict()
+        d.update(self.members[k])
+        d["members"] = []
+        return TrainConfig(**d)
+
     def model_config(self):
         from model.itransformer import ModelConfig
 
@@ -75,7 +92,8 @@ class TrainConfig:
                            e_layers=self.e_layers, d_ff=self.d_ff, dropout=self.dropout,
                            use_time_tokens=self.use_time_tokens, flat_threshold=self.flat_threshold,
                            feed_scale_to_heads=self.feed_scale_to_heads, stat_token=self.stat_token,
-                           learned_scale=self.learned_scale, time_harmonics=self.time_harmonics)
+                           learned_scale=self.learned_scale, time_harmonics=self.time_harmonics,
+                           ewma_halflives=list(self.ewma_halflives))
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "TrainConfig":
@@ -247,8 +265,10 @@ def fit_model(w: Windows, train: np.ndarray, val: np.ndarray, cfg: TrainConfig, 
 
     deadline = time.perf_counter() + cfg.time_budget_s if cfg.time_budget_s else None
     members, infos = [], []
-    for k in range(cfg.ensemble):
-        m, info = fit_member(w, train, val, cfg, cfg.seed + k, progress, deadline, desc=f"member {k + 1}")
+    n = len(cfg.members) or cfg.ensemble
+    for k in range(n):
+        m, info = fit_member(w, train, val, cfg.member(k), cfg.seed + k, progress, deadline,
+                             desc=f"member {k + 1}/{n}")
         members.append(m)
         infos.append(info)
         if deadline is not None and time.perf_counter() > deadline:
@@ -337,7 +357,7 @@ def train(dataset, cfg: TrainConfig, settings=None, out_dir: str | Path | None =
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_dir=settings.data_dir,
                                                                    horizon=cfg.horizon,
                                                                    flat_threshold=cfg.flat_threshold)
-    w = make_windows(ds, cfg.variates, cfg.lookback, cfg.horizon, cfg.flat_threshold)
+    w = make_windows(ds, cfg.variates, cfg.window_lookback, cfg.horizon, cfg.flat_threshold)
     if len(w.origins) < 100:
         raise ValueError(f"only {len(w.origins)} usable forecast origins in the dataset "
                          f"(lookback {cfg.lookback} + warm-up needs more history)")

@@ -393,8 +393,10 @@ def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path):
     from model.serving import open_session, read_metadata, run_onnx
 
     torch.manual_seed(0)
-    cfg = _tiny_cfg(stat_token=True, learned_scale=True, time_harmonics=3)
-    members = [ITransformer(cfg), ITransformer(cfg)]
+    cfg = _tiny_cfg(stat_token=True, learned_scale=True, time_harmonics=3, ewma_halflives=[5.0, 20.0])
+    # a heterogeneous ensemble: the second member is smaller and reads only the newest 16 rows
+    members = [ITransformer(cfg), ITransformer(_tiny_cfg(stat_token=True, learned_scale=True, lookback=16,
+                                                         d_model=8))]
     with torch.no_grad():  # non-trivial learned scales (they start at zero)
         for m in members:
             m.scale_rv.weight.normal_(0, 0.1)
@@ -410,6 +412,7 @@ def test_onnx_export_parity_metadata_and_dynamic_batch(tmp_path):
                 "normalisation", "model_name", "model_version", "target_scaling"):
         assert key in md, key
     assert md["variates"] == VARS and md["lookback"] == 32 and md["horizon"] == 5 and md["cadence"] == "m1"
+    assert model.cfg.lookback == 32
     out = run_onnx(open_session(path), w.gather(w.origins[:3]))
     assert out["close_logret_q"].shape == (3, 5, 3) and out["direction_p"].shape == (3, 3)
 
