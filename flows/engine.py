@@ -65,7 +65,9 @@ class Sequencer:
     ``hold_events`` later events are pending or they reach ``hold_ms`` of event time past the last
     released event; then it is declared a hole and skipped. The first release waits for the same
     bound, so the stream starts at the smallest gw_seq seen. Duplicates and events older than what
-    was released are dropped and counted."""
+    was released are dropped and counted. An item pushed with ``ts=None`` has no event time of the
+    stream (a news item's time is its publication, possibly minutes old): it is ordered like any
+    other but never moves the hold."""
 
     __slots__ = ("next", "pending", "hold_events", "hold_ms", "ref_ts", "max_ts", "holes", "skipped",
                  "duplicates", "late")
@@ -83,7 +85,8 @@ class Sequencer:
         nxt = self.next
         if seq == nxt and not self.pending:  # fast path: in order
             self.next = seq + 1
-            self.ref_ts = ts
+            if ts is not None:
+                self.ref_ts = ts
             out.append(item)
             return
         if nxt is not None and seq < nxt:
@@ -93,10 +96,11 @@ class Sequencer:
             self.duplicates += 1
             return
         self.pending[seq] = (ts, item)
-        if self.ref_ts is None:
-            self.ref_ts = ts
-        if self.max_ts is None or ts > self.max_ts:
-            self.max_ts = ts
+        if ts is not None:
+            if self.ref_ts is None:
+                self.ref_ts = ts
+            if self.max_ts is None or ts > self.max_ts:
+                self.max_ts = ts
         self._drain(out, False)
 
     def _drain(self, out: list, force: bool) -> None:
@@ -104,7 +108,8 @@ class Sequencer:
         while pending:
             nxt = self.next
             if nxt not in pending:
-                if not force and len(pending) < self.hold_events and self.max_ts - self.ref_ts < self.hold_ms:
+                if not force and len(pending) < self.hold_events and (
+                        self.max_ts is None or self.max_ts - self.ref_ts < self.hold_ms):
                     return
                 first = min(pending)
                 if nxt is not None:
@@ -114,7 +119,8 @@ class Sequencer:
             ts, item = pending.pop(nxt)
             out.append(item)
             self.next = nxt + 1
-            self.ref_ts = ts
+            if ts is not None:
+                self.ref_ts = ts
         self.max_ts = None
 
     def flush(self, out: list) -> None:
@@ -458,7 +464,8 @@ class SymbolEngine:
             if seq < 0:
                 self.count("not_live")  # historical rows are not part of the live order
                 continue
-            push(seq, rec["exchange_ts"], item, ready)
+            # a news item's exchange_ts is its publication time: not the stream's clock
+            push(seq, rec["exchange_ts"] if item[0] != "NewsItem" else None, item, ready)
         out: list = []
         for name, rec in ready:
             self._on_event(name, rec, out)

@@ -315,3 +315,49 @@ def test_history_klines_give_history_vectors_and_warm_candle_variates():
     # re-published history (a reconnect) emits nothing new
     again = eng.process([("Kline", dict(s.out[5][1], gw_seq=s.seq))])
     assert not features(again)
+
+
+def test_old_dated_news_first_does_not_start_the_stream_past_earlier_events():
+    """A NewsItem's exchange_ts is its *published* time (minutes old): the online source's event-time
+    merge hands such items over before earlier gw_seqs (the start-up history klines, stamped now).
+    Their time must not count toward the sequencer's hold, or the stream starts after them and the
+    earlier events are dropped as late (found by the soak: history lost, no forecast, parity broken)."""
+    import math
+
+    s = SynthStream(seed=11)
+    start = s.ts
+    price = 65000.0
+    for k in range(5, 0, -1):  # the gateway's start-up history klines, published now
+        m = start - k * 60_000
+        rec = s._base(start)
+        rec.update(interval="1", start_ts=m, end_ts=m + 59_999, open=f"{price:.1f}", high=f"{price + 5:.1f}",
+                   low=f"{price - 5:.1f}", close=f"{price * math.exp(0.001 * k):.1f}", volume="1.5", turnover="0",
+                   confirm=True)
+        s.emit("Kline", rec)
+    news = []
+    for i, age_min in enumerate((20, 10)):
+        rec = s._base(start - age_min * 60_000)
+        rec.update(venue="sim.news.x", item_id=f"n{i}", source="x", url=f"https://x.test/{i}", title=f"t{i}",
+                   summary=None, published_ts=rec["exchange_ts"], assets=["BTC"], mentioned=True, sentiment=0.5,
+                   source_weight=1.0)
+        news.append(("NewsItem", s.emit("NewsItem", rec)))
+    s.run(20)
+    in_order, _ = run(s.out)
+    eng = new_engine("BTCUSDT")
+    merged = eng.process(news)  # what the event-time merge hands over first
+    merged += eng.process([e for e in s.out if e[0] != "NewsItem"])
+    merged += eng.flush()
+    assert eng.seq.late == 0 and eng.seq.holes == 0
+    assert eng.counters.get("history_vectors") == 5
+    assert values_by_key(merged) == values_by_key(in_order)
+
+
+def test_sequencer_items_without_event_time_do_not_move_the_hold():
+    seq = Sequencer(hold_events=1000, hold_ms=500)
+    out = push_all(seq, [(0, 10_000), (1, 10_600)])  # the start: released once the hold is spanned
+    out += push_all(seq, [(2, None)])  # no event time of the stream (an old-dated news item)
+    assert out == [0, 1, 2]
+    out += push_all(seq, [(4, 10_700)])  # 3 missing: 100 ms past the last event *time* (10_600): wait
+    assert out == [0, 1, 2] and seq.holes == 0
+    out += push_all(seq, [(3, 10_650)])
+    assert out == [0, 1, 2, 3, 4] and seq.holes == 0 and seq.late == 0
