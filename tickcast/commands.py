@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -74,9 +75,28 @@ def bench(only: list[str] = typer.Argument(None, help="script names (default: ev
     raise typer.Exit(main(only or None, timeout))
 
 
+def soak(minutes: float = typer.Option(..., help="minutes of fault injection"),
+         fault_every_s: float = typer.Option(60.0, help="seconds between faults"),
+         symbols: str = typer.Option(None, help="comma-separated (default: TICKCAST_SYMBOLS)"),
+         keep: Path = typer.Option(None, help="run in this (new or empty) dir and keep it"),  # noqa: B008
+         train_budget_s: float = typer.Option(150.0, help="time budget of the champion's training"),
+         train_days: float = typer.Option(2.0, help="days of the exchange's REST history to train on"),
+         drain_s: float = typer.Option(75.0, help="seconds without faults before the audit"),
+         cut_s: float = typer.Option(5.0, help="broker partition length (TCP proxy cut)"),
+         seed: int = typer.Option(7, help="the exchange model's seed")) -> None:
+    """The whole stack under a fault every N s, then lost/duplicated, parity and served-minutes audit."""
+    from tickcast.soak import SoakConfig, passed, run_soak
+
+    cfg = SoakConfig(minutes, fault_every_s, [x.strip().upper() for x in symbols.split(",")] if symbols else None,
+                     keep, seed=seed, history_days=max(3.0, train_days + 1), train_days=train_days,
+                     train_budget_s=train_budget_s, drain_s=drain_s, cut_s=cut_s)
+    raise typer.Exit(0 if passed(run_soak(cfg)) else 1)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(bench)
     app.command()(broker)
     app.command()(topics)
     app.command()(up)
     app.command()(status)
+    app.command()(soak)
