@@ -53,9 +53,10 @@ def run(bootstrap: str | None = None, *, registry_path: str | None = None, recov
 
         os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
         os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(metrics_port + (process_id or 0))
-        # it caches the rendered dataflow in a file: keep it out of the working directory
-        os.environ.setdefault("BYTEWAX_DATAFLOW_API_CACHE_PATH",
-                              os.path.join(tempfile.gettempdir(), f"tickcast-dataflow-{os.getpid()}.json"))
+        # it writes the rendered dataflow into this directory (default: the working directory)
+        cache = os.path.join(tempfile.gettempdir(), f"tickcast-bytewax-{os.getpid()}")
+        os.makedirs(cache, exist_ok=True)
+        os.environ.setdefault("BYTEWAX_DATAFLOW_API_CACHE_PATH", cache)
 
     flow = get_flow(bootstrap, registry_path, from_end)
     recovery = None

@@ -120,6 +120,22 @@ def test_online_flow_equals_engine_and_survives_kill_and_restart(tmp_path):
     assert collector.dead[0]["topic"] == "market.trades"
 
 
+def _two_free_ports() -> int:
+    """A port p with p + 1 also free (process i serves its metrics on p + i)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_two_process_cluster_partitions_by_symbol_and_equals_the_engine(tmp_path):
     from tickcast.broker import free_port
 
@@ -128,7 +144,7 @@ def test_two_process_cluster_partitions_by_symbol_and_equals_the_engine(tmp_path
     import urllib.request
 
     addresses = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
-    metrics_port = free_port()
+    metrics_port = _two_free_ports()
     with EmbeddedBroker() as broker, open(tmp_path / "flow.log", "ab") as log:
         producer = Producer(producer_config(broker.bootstrap))
         produce(producer, events)
