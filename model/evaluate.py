@@ -78,11 +78,11 @@ def comparison_table(metrics: dict, backtests: dict | None = None, model: str = 
     for tgt in ("close", "rv", "range"):
         lines.append(f"\n**{tgt}**" + (" (Close(t+H): log return at h = H)" if tgt == "close" else ""))
         lines.append("")
-        lines.append("| model | pinball | q10 | q50 | q90 | coverage [q10,q90] | width | CRPS | MAE | RMSE | dir. acc. |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| model | n | pinball | q10 | q50 | q90 | coverage [q10,q90] | width | CRPS | MAE | RMSE | dir. acc. |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for n in names:
             m = metrics[n][tgt]
-            lines.append(f"| {n} | {m['pinball']:.6g} | {m['pinball_q10']:.5g} | {m['pinball_q50']:.5g} | "
+            lines.append(f"| {n} | {m['n']} | {m['pinball']:.6g} | {m['pinball_q10']:.5g} | {m['pinball_q50']:.5g} | "
                          f"{m['pinball_q90']:.5g} | {m['coverage']:.3f} | {m['width']:.5g} | {m['crps']:.5g} | "
                          f"{m['mae']:.5g} | {m['rmse']:.5g} | {m['dir_acc']:.3f} |")
         if model in metrics:

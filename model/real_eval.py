@@ -73,41 +73,29 @@ def _merge_backtests(parts: list[dict]) -> dict:
     return {"total": total, "results": merged}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.real_eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="real_final.yaml")
-    ap.add_argument("--folds", type=int, default=1)
-    ap.add_argument("--val-days", type=float, default=7.0)
-    ap.add_argument("--out", default="data/reports/real_eval")
-    ap.add_argument("--lgbm-threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    import torch
-
-    t_start = time.perf_counter()
-    cfg = TrainConfig.load(a.config)
-    torch.set_num_threads(max(1, cfg.threads))
-    ds = build_real_dataset(progress=True)
+def run_eval(ds, cfg: TrainConfig, test_start: int, folds: int = 1, val_days: float = 7.0,
+             lgbm_threads: int = 1, progress: bool = True) -> dict:
+    """Walk-forward evaluation of the iTransformer and every baseline over [test_start, end]."""
     w = make_windows(ds, cfg.variates, cfg.window_lookback, cfg.horizon, cfg.flat_threshold)
-    test_start = int(pd.Timestamp(TEST_START).value // 10**6)
     test_end = int(w.ts[w.origins].max())
-    folds = walk_forward(w.origins, w.ts, test_start, test_end, a.folds, cfg.horizon, cfg.embargo,
-                         val_minutes=int(a.val_days * 1440))
+    splits = walk_forward(w.origins, w.ts, test_start, test_end, folds, cfg.horizon, cfg.embargo,
+                          val_minutes=int(val_days * 1440))
     taus = cfg.quantiles
     names = ["itransformer", "random_walk", "ewma", "garch", "lgbm_raw", "lgbm_std"]
     fc_test = {n: [] for n in names}
     bts = {n: {s: [] for s in SIZINGS} for n in names}
     signals = {n: [] for n in names}
-    fold_info = []
-    test_all = []
-    for k, sp in enumerate(folds):
+    fold_info, test_all = [], []
+    for k, sp in enumerate(splits):
         assert_no_leakage(sp, w.ts, cfg.horizon)
-        print(f"fold {k + 1}/{len(folds)}: train {len(sp.train)}, val {len(sp.val)}, test {len(sp.test)} origins",
+        print(f"fold {k + 1}/{len(splits)}: train {len(sp.train)}, val {len(sp.val)}, test {len(sp.test)} origins",
               file=sys.stderr)
         t0 = time.perf_counter()
-        model, info = fit_model(w, sp.train, sp.val, cfg, progress=True)
+        model, info = fit_model(w, sp.train, sp.val, cfg, progress=progress)
         fcs = {"itransformer": (predict(model, w, sp.val), predict(model, w, sp.test))}
         t_it = time.perf_counter() - t0
-        bl = run_baselines(w, sp.train, sp.val, [sp.val, sp.test], taus, progress=True, lgbm_threads=a.lgbm_threads)
+        bl = run_baselines(w, sp.train, sp.val, [sp.val, sp.test], taus, progress=progress,
+                           lgbm_threads=lgbm_threads)
         for n in names[1:]:
             fcs[n] = tuple(bl[n])
         for n, (fv, ft) in fcs.items():
@@ -127,19 +115,40 @@ def main(argv=None) -> int:
     forecasts = {n: _concat(v) for n, v in fc_test.items()}
     metrics = evaluate_forecasters(w, forecasts, test, taus)
     backtests = {n: {s: _merge_backtests(v) for s, v in d.items()} for n, d in bts.items()}
+    return {"windows": w, "test": test, "forecasts": forecasts, "metrics": metrics, "backtests": backtests,
+            "signals": signals, "folds": fold_info}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.real_eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="real_final.yaml")
+    ap.add_argument("--folds", type=int, default=1)
+    ap.add_argument("--val-days", type=float, default=7.0)
+    ap.add_argument("--out", default="data/reports/real_eval")
+    ap.add_argument("--lgbm-threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    import torch
+
+    t_start = time.perf_counter()
+    cfg = TrainConfig.load(a.config)
+    torch.set_num_threads(max(1, cfg.threads))
+    ds = build_real_dataset(progress=True)
+    test_start = int(pd.Timestamp(TEST_START).value // 10**6)
+    r = run_eval(ds, cfg, test_start, a.folds, a.val_days, a.lgbm_threads)
+    metrics, backtests = r["metrics"], r["backtests"]
     table = comparison_table(metrics, backtests)
     verdict = quality_bar(metrics)
     out = Path(a.out)
     from model.report import write_eval_report
 
-    split_desc = {"folds": [f["split"] for f in fold_info], "test_start": TEST_START}
-    write_eval_report(out, w, test, forecasts, metrics, backtests, table + "\n\n" + verdict["text"],
-                      f"real data, config {a.config}", split_desc)
+    split_desc = {"folds": [f["split"] for f in r["folds"]], "test_start": TEST_START}
+    write_eval_report(out, r["windows"], r["test"], r["forecasts"], metrics, backtests,
+                      table + "\n\n" + verdict["text"], f"real data, config {a.config}", split_desc)
     mempool = [c for c in ds.frame.columns if "mempool" in c.lower()]
     note = ("main-with-mempool comparison: not run, the shared real data has no mempool features "
             "(model.evaluate.compare_variate_configs runs it on any dataset that has them)") if not mempool else ""
-    res = {"config": cfg.to_dict(), "folds": fold_info, "metrics": metrics, "verdict": verdict,
-           "signals": signals, "mempool": note, "seconds": time.perf_counter() - t_start,
+    res = {"config": cfg.to_dict(), "folds": r["folds"], "metrics": metrics, "verdict": verdict,
+           "signals": r["signals"], "mempool": note, "seconds": time.perf_counter() - t_start,
            "backtests": {n: {s: b["total"] for s, b in d.items()} for n, d in backtests.items()}}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     print(table)
