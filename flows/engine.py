@@ -305,6 +305,7 @@ class Candles:
             prev_close = bar[3]
         fr = [math.nan] * (n - 1) + [funding_rate]
         out = kline_variates(starts, *cols, funding_rate=fr, rows=range(n - 1, n))
+        bar = {f"bar_{k}": col[-1] for k, col in zip(("open", "high", "low", "close", "volume"), cols)}
         # prune history no longer needed
         oldest = starts[0] - MINUTE_MS
         for m in sorted(m for m in self.bars if m < oldest):
@@ -312,7 +313,7 @@ class Candles:
                 self.carry = (m, self.bars[m][3])
             del self.bars[m]
             self.confirmed.discard(m)
-        return {k: float(v[0]) for k, v in out.items()}
+        return {**{k: float(v[0]) for k, v in out.items()}, **bar}
 
 
 # --- the per-window context handed to feature kinds ------------------------------------------------
@@ -662,7 +663,7 @@ class SymbolEngine:
         values: dict[str, float | None] = {}
         nulls: dict[str, str] = {}
         for name, fn, spec, _ in self._plan["m1"]:
-            v = fn(ctx, spec) if spec.kind in ("candle", "time_of_day") else Missing(
+            v = fn(ctx, spec) if spec.kind in ("candle", "candle_bar", "time_of_day") else Missing(
                 "history minute (before the live stream): candle variates only")
             if isinstance(v, Missing) or not _isfinite(v):
                 values[name] = None

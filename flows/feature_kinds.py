@@ -470,6 +470,24 @@ def candle(ctx, spec):
     return v if math.isfinite(v) else Missing("not enough 1-minute candle history")
 
 
+def _bar_param(spec):
+    _need(spec, "field", str, lambda v: v in ("open", "high", "low", "close", "volume"),
+          "open, high, low, close or volume")
+    if set(spec.params) - {"field"}:
+        raise ValueError("only param is field")
+    if spec.cadences != ("m1",):
+        raise ValueError("candle bars exist at the m1 cadence only")
+
+
+@kind("candle_bar", inputs=("candles",), point=True, params=_bar_param)
+def candle_bar(ctx, spec):
+    """A field of the 1-minute candle that just closed: built from trades by match time, replaced by
+    the exchange's confirmed kline when it arrived in time; a minute without trades is flat at the
+    previous close with zero volume."""
+    v = ctx.candle_variates()["bar_" + spec.params["field"]]
+    return v if math.isfinite(v) else Missing("no 1-minute candle yet")
+
+
 # --- derived ---------------------------------------------------------------------------------------
 def _zscore_param(spec):
     _need(spec, "n", int, lambda v: 3 <= v <= 10_000, "3..10000")

@@ -664,6 +664,11 @@ class Reference:
         v = self.candle_variates(end)[s.params["variate"]]
         return Null("candle_history") if not math.isfinite(v) else v
 
+    # a field of the minute's candle (the same flat-filled bars as the variates)
+    def f_candle_bar(self, s, j, end, **_):
+        v = self.candle_variates(end).get("bar_" + s.params["field"], math.nan)
+        return Null("no_candle") if not math.isfinite(v) else v
+
     def candle_variates(self, end: int) -> dict[str, float]:
         cache = self.__dict__.setdefault("_candle_cache", {})
         if end in cache:
@@ -697,6 +702,7 @@ class Reference:
                 return a[-k:] if len(a) >= k else None
 
             out["close"] = c[-1]
+            out.update(bar_open=o[-1], bar_high=h[-1], bar_low=lo[-1], bar_close=c[-1], bar_volume=v[-1])
             out["log_return_1m"] = r[-1] if n >= 2 else math.nan
             out["return_15m"] = math.log(c[-1] / c[-16]) if n >= 16 else math.nan
             out["return_60m"] = math.log(c[-1] / c[-61]) if n >= 61 else math.nan

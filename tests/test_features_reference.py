@@ -57,6 +57,7 @@ REASONS = [
     (r"^mempool data stale ", "mempool_stale"),
     (r"^mempool source gives no \w+$", "mempool_field_missing"),
     (r"^not enough 1-minute candle history$", "candle_history"),
+    (r"^no 1-minute candle yet$", "no_candle"),
     (r"^warming up: \d+/\d+ values of \w+$", "warming_up"),
     (r"^\w+ did not vary over the last \d+ values$", "no_variation"),
     (r"^\w+ is null in this window$", "input_null"),
