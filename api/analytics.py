@@ -34,13 +34,13 @@ POSITION = {"BUY": 1.0, "SELL": -1.0, "FLAT": 0.0}
 def candle_of(obs: MinuteObs) -> dict:
     """(open, high, low, close) of a minute from its m1 vector; None where it cannot be known."""
     c = obs.value("close")
-    o = obs.value("open")
+    o = obs.value("open_1m") if obs.value("open_1m") is not None else obs.value("open")
     if o is None and c is not None:
         b = obs.value("body_rel_1m")
         if b is not None and b > -1.0:
             o = c / (1.0 + b)
-    return {"origin_ts": obs.minute, "open": o, "high": obs.value("high") or obs.value("high_1m"),
-            "low": obs.value("low") or obs.value("low_1m"), "close": c}
+    return {"origin_ts": obs.minute, "open": o, "high": obs.value("high_1m") or obs.value("high"),
+            "low": obs.value("low_1m") or obs.value("low"), "close": c, "volume": obs.value("candle_volume_1m")}
 
 
 def clean(v):

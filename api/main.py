@@ -8,6 +8,7 @@ read-only
   GET  /symbols                       configured symbols, last minute seen, feature age
   GET  /features/latest               latest feature vector of a symbol (cadence m1 by default)
   GET  /predictions/latest            latest forecast + signal (+ outcome when joined) of a symbol
+  GET  /candles                       1-minute OHLCV as received on features.live, in [from, to]
   GET  /predictions/history           forecasts, signals and outcomes in [from, to]
   GET  /alerts                        alerts (actual outside [q_low, q_high]) in [from, to]
   GET  /backtest                      the champion re-run on the last N candles, backtested
@@ -253,6 +254,27 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         item["close_path"] = cp if (paths and cp) else None
         item["outcome"] = outcome
         return _clean(item)
+
+    @app.get("/candles", response_model=S.CandlesOut, responses={404: ERRORS[404]}, tags=["features"])
+    def candles(
+            symbol: SymbolQ,
+            frm: Annotated[str | None, Query(alias="from", max_length=40,
+                                             description="epoch ms or ISO 8601; default: to - 24 h")] = None,
+            to: Annotated[str | None, Query(max_length=40, description="epoch ms or ISO 8601; default: the "
+                                                                         "latest minute")] = None,
+            limit: Annotated[int, Query(ge=1, le=10_000)] = 1440,
+    ) -> dict:
+        """1-minute OHLCV of ``symbol`` as the API received them on features.live (m1 vectors), with
+        minute start in [from, to] (at most 31 days), oldest first."""
+        sym = known(symbol)
+        f, t = time_range(frm, to, latest_origin(sym), 86_400_000)
+        rows = sorted(service.store.query(CANDLES, symbols=[sym], origin_from=f, origin_to=t),
+                      key=lambda r: r["origin_ts"])
+        kept = rows[-limit:]
+        items = [{k: r.get(k) for k in ("origin_ts", "open", "high", "low", "close", "volume", "venue")}
+                 | {"history": bool(r.get("history"))} for r in kept]
+        return _clean({"symbol": sym, "from_ts": f, "to_ts": t, "count": len(items),
+                       "truncated": len(rows) > len(kept), "items": items})
 
     @app.get("/predictions/history", response_model=S.PredictionHistoryOut, responses={404: ERRORS[404]},
              tags=["predictions"])

@@ -153,6 +153,26 @@ class PredictionHistoryOut(BaseModel):
     items: list[HistoryItem]
 
 
+class CandleOut(BaseModel):
+    origin_ts: int = Field(description="minute start, epoch ms")
+    open: float | None
+    high: float | None
+    low: float | None
+    close: float | None
+    volume: float | None = Field(None, description="base-currency volume of the minute's trades")
+    venue: str | None = None
+    history: bool = Field(False, description="a minute before the live stream, rebuilt from confirmed klines")
+
+
+class CandlesOut(BaseModel):
+    symbol: str
+    from_ts: int
+    to_ts: int
+    count: int
+    truncated: bool = Field(description="true when more rows matched than `limit` (the newest are returned)")
+    items: list[CandleOut]
+
+
 class AlertsOut(BaseModel):
     symbol: str | None
     from_ts: int

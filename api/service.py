@@ -342,7 +342,11 @@ class PredictionService:
             return
         self.last_m1_wall[sym] = time.time()
         self.stale_logged.discard(sym)
-        self.store.put(CANDLES, [{**candle_of(obs), "symbol": sym, "venue": obs.venue}])
+        history = bool(rec.get("history"))
+        self.store.put(CANDLES, [{**candle_of(obs), "symbol": sym, "venue": obs.venue, "history": history}])
+        if history:  # a minute before the live stream (rebuilt from klines): lookback only, no forecast
+            self.metrics.records_in.labels("history").inc()
+            return
         if res.gap_minutes:
             self._record_gap(sym, res.gap_from, res.gap_minutes)
         self._join_outcomes(sym)

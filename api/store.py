@@ -69,6 +69,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     CANDLES: pa.schema([
         ("symbol", pa.string()), ("date", pa.string()), ("origin_ts", pa.int64()),
         ("open", _F64), ("high", _F64), ("low", _F64), ("close", _F64), ("venue", pa.string()),
+        ("volume", _F64), ("history", pa.bool_()),
     ]),
 }
 KEYS: dict[str, tuple[str, ...]] = {
@@ -217,7 +218,8 @@ class Store:
         pred = " AND ".join([f"t.symbol IN ({syms})", f"t.date IN ({dates})",
                              f"t.origin_ts >= {int(lo)}", f"t.origin_ts <= {int(hi)}"]
                             + [f"t.{k} = s.{k}" for k in KEYS[table]])
-        (dt.merge(source=data, predicate=pred, source_alias="s", target_alias="t")
+        # merge_schema: tables written before a column was added to SCHEMAS gain it (schemas only grow)
+        (dt.merge(source=data, predicate=pred, source_alias="s", target_alias="t", merge_schema=True)
            .when_not_matched_insert_all().execute())
         if dt.version() % self.checkpoint_every == 0:
             dt.create_checkpoint()  # readers (and a restarted writer) replay at most this many commits

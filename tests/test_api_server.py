@@ -686,3 +686,41 @@ def test_import_does_not_load_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_history_vectors_fill_the_lookback_without_forecasts_and_candles_are_served(server, pub):
+    """The flow's history vectors (minutes before the live stream, rebuilt from klines) give the
+    lookback at once: no forecast or signal for them, a forecast at the first live minute; /candles
+    serves the 1-minute OHLCV with the history flag."""
+    sym = D
+    t0 = BASE + 20 * 24 * 60 * MIN
+    sse = SSE(f"{server['base']}/signals/stream?symbol={sym}")
+    try:
+        for i in range(L):
+            rec = fv(sym, t0 + i * MIN, calm(i), prev=calm(i - 1) if i else None)
+            rec["history"] = True
+            rec["values"]["candle_volume_1m"] = 1.5
+            pub.producer.produce("features.live", key=sym.encode(), value=pub.serde.encode("FeatureVector", rec))
+        pub.last[sym] = calm(L - 1)
+        pub.minute(sym, t0 + L * MIN, calm(L))
+        pub.flush()
+        live = t0 + L * MIN
+        sse.wait(lambda s: s.of("forecast", sym) if any(e["data"]["origin_ts"] == live for e in s.of("forecast", sym))
+                 else None)
+        origins = {e["data"]["origin_ts"] for e in sse.of("forecast", sym) + sse.of("signal", sym)}
+        assert origins == {live}, sorted(origins)  # nothing for the history minutes
+    finally:
+        sse.close()
+    deadline = time.monotonic() + 15
+    while True:
+        body = get(server, "/candles", symbol=sym, **{"from": str(t0), "to": str(live)}).json()
+        if body.get("count") == L + 1:
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.3)
+    items = body["items"]
+    assert [it["origin_ts"] for it in items] == [t0 + i * MIN for i in range(L + 1)]
+    assert all(it["history"] for it in items[:L]) and not items[L]["history"]
+    assert items[0]["volume"] == 1.5 and items[L]["close"] == pytest.approx(calm(L))
+    assert get(server, "/candles", symbol="NOPE").status_code == 404
+    assert get(server, "/candles", symbol=sym, **{"from": str(live), "to": str(t0)}).status_code == 422
