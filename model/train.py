@@ -28,6 +28,7 @@ from model.metrics import forecast_metrics
 from model.splits import Split, chronological_split, fraction_split
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+QUICK_RESERVE_S = 70.0
 
 
 @dataclass
@@ -477,6 +478,7 @@ def quick_champion(dataset_or_klines, settings=None, time_budget_s: float = 150.
     when there is none (or ``force``). Returns the training summary."""
     from model import registry
 
+    t0 = time.perf_counter()
     if settings is None:
         from tickcast.config import get_settings
 
@@ -485,19 +487,21 @@ def quick_champion(dataset_or_klines, settings=None, time_budget_s: float = 150.
         v, p = registry.champion_onnx_path(settings)
         return {"version": v, "onnx": str(p), "skipped": "a champion exists"}
     cfg = TrainConfig.load(CONFIG_DIR / "quick.yaml")
-    cfg.time_budget_s = max(5.0, time_budget_s - 35.0)  # leave time for export and registration
     cfg.threads = min(2, os.cpu_count() or 1)
     ds = dataset_or_klines
     if isinstance(ds, pd.DataFrame):
         ds = load_dataset(ds, horizon=cfg.horizon, flat_threshold=cfg.flat_threshold)
     elif not isinstance(ds, Dataset):
         ds = load_dataset(ds, data_dir=settings.data_dir, horizon=cfg.horizon, flat_threshold=cfg.flat_threshold)
+    # what is left after loading, minus ~70 s for windows, ONNX export, parity, report and registration
+    cfg.time_budget_s = max(5.0, time_budget_s - (time.perf_counter() - t0) - QUICK_RESERVE_S)
     summary = train(ds, cfg, settings, register=True, progress=progress, evaluate_test=False,
                     run_name="quick_champion", quick=True)
     if registry.alias_version(settings, registry.CHAMPION) is None:
         registry.set_alias(settings, registry.CHAMPION, summary["version"],
                            f"quick champion for a fresh start (rule: {summary['decision']})", action="promote")
         summary["promoted"] = True
+    summary["total_seconds"] = time.perf_counter() - t0
     return summary
 
 

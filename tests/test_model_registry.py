@@ -130,7 +130,7 @@ def test_quick_champion_then_challenger_end_to_end(settings):
     from model.train import CONFIG_DIR, TrainConfig, quick_champion, train
 
     kl = synthetic_klines(2500, seed=11)
-    s = quick_champion(kl, settings, time_budget_s=45, progress=False)
+    s = quick_champion(kl, settings, time_budget_s=80, progress=False)
     assert s["promoted"] and s["parity"]["ok"]
     version, path = registry.champion_onnx_path(settings)
     assert version == s["version"] == "1"
