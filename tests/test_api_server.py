@@ -693,7 +693,7 @@ def test_history_vectors_fill_the_lookback_without_forecasts_and_candles_are_ser
     lookback at once: no forecast or signal for them, a forecast at the first live minute; /candles
     serves the 1-minute OHLCV with the history flag."""
     sym = D
-    t0 = BASE + 20 * 24 * 60 * MIN
+    t0 = BASE + 40 * 24 * 60 * MIN  # after every other test's grid: minutes only move forward
     sse = SSE(f"{server['base']}/signals/stream?symbol={sym}")
     try:
         for i in range(L):
