@@ -330,3 +330,20 @@ def test_render_escapes_api_text():
     t = R.table(["a", "b"], [("<b>", R.badge("ok"))], "tbl", raw_cols=(1,))
     assert "&lt;b&gt;" in t and "tc-badge" in t
     assert 'data-testid="x"' in R.banner("sim", "SIMULATED", "x")
+
+
+def test_candles_from_api_keep_ohlcv_and_drop_unusable_rows():
+    items = [{"origin_ts": 60_000, "open": 1.0, "high": 2.0, "low": 0.5, "close": 1.5, "volume": 3.0, "venue": "sim.linear",
+              "history": True},
+             {"origin_ts": 120_000, "open": None, "high": None, "low": None, "close": None, "volume": None},
+             {"origin_ts": True, "close": 1.0}]
+    assert S.candles_from_api(items) == [{"t": 60_000, "open": 1.0, "high": 2.0, "low": 0.5, "close": 1.5,
+                                          "volume": 3.0, "venue": "sim.linear"}]
+
+
+def test_candle_from_vector_prefers_the_candle_bar_fields():
+    fv = {"cadence": "m1", "window_end": 120_000, "venue": "sim.linear",
+          "values": {"close": 10.0, "open_1m": 9.0, "high_1m": 11.0, "low_1m": 8.5, "candle_volume_1m": 4.0,
+                     "volume_1m": 3.9, "body_rel_1m": 0.5}}
+    c = S.candle_from_vector(fv)
+    assert (c["t"], c["open"], c["high"], c["low"], c["close"], c["volume"]) == (60_000, 9.0, 11.0, 8.5, 10.0, 4.0)

@@ -6,8 +6,8 @@
   a drop and re-reads history over REST when the API says its replay buffer no longer covers the gap;
 - the poller: the latest m1 feature vector of every symbol (``GET /features/latest``, which becomes
   the live candles, the features table and the flow's latency), ``/health`` and ``/model``; the
-  history backfill of a symbol (``/predictions/history``, ``/predictions/latest``, ``/alerts``, the
-  candles of ``/backtest``); and the REST views the open tabs asked for (backtest, strategy P&L,
+  history backfill of a symbol (``/predictions/history``, ``/predictions/latest``, ``/alerts``,
+  ``/candles``); and the REST views the open tabs asked for (backtest, strategy P&L,
   monitoring, ...), each refreshed at its own interval only while some session still wants it.
 
 Everything lands in bounded per-symbol buffers (dicts trimmed to ``max_minutes``, deques). Browser
@@ -377,14 +377,13 @@ class LiveFeed:
             b = self.buf[sym]
             b.last_candle_backfill = now
         try:
-            bt = self._get("/backtest", symbol=sym, candles=min(1000, max(2, self.history_minutes)))
+            got = self._get("/candles", symbol=sym, limit=max(2, self.history_minutes))
         except ApiError as exc:
             self._mark_api(exc)
-            # 409: no champion yet (the endpoint re-runs the model); retry later
             return
         with self.lock:
             b = self.buf[sym]
-            self._put_candles(b, S.candles_from_backtest_rows(bt.get("rows") or []))
+            self._put_candles(b, S.candles_from_api(got.get("items") or []))
             b.candle_backfill_due = False
 
     def request_backfill(self, sym: str | None = None) -> None:

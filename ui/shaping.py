@@ -136,21 +136,34 @@ def candle_from_vector(fv: Mapping[str, Any]) -> dict | None:
     close = num(v.get("close"))
     if close is None or close <= 0:
         return None
-    open_ = num(v.get("open"))
+    open_ = num(v.get("open_1m"))
+    open_ = open_ if open_ is not None else num(v.get("open"))
     if open_ is None:
         b = num(v.get("body_rel_1m"))
         if b is not None and b > -1.0:
             open_ = close / (1.0 + b)
-    high = num(v.get("high"))
-    high = high if high is not None else num(v.get("high_1m"))
-    low = num(v.get("low"))
-    low = low if low is not None else num(v.get("low_1m"))
-    vol = num(v.get("volume_1m"))
+    high = num(v.get("high_1m"))
+    high = high if high is not None else num(v.get("high"))
+    low = num(v.get("low_1m"))
+    low = low if low is not None else num(v.get("low"))
+    vol = num(v.get("candle_volume_1m"))  # the minute's candle (trades by match time)
+    vol = vol if vol is not None else num(v.get("volume_1m"))
     if vol is None:
         lv = num(v.get("log_volume_1m"))
         vol = math.expm1(lv) if lv is not None and lv >= 0 else None
     return {"t": end - MIN, "open": open_, "high": high, "low": low, "close": close, "volume": vol,
             "venue": fv.get("venue")}
+
+
+def candles_from_api(items: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Candles from ``GET /candles`` items (the API's stored 1-minute OHLCV, history minutes included)."""
+    out = []
+    for it in items:
+        t, close = it.get("origin_ts"), num(it.get("close"))
+        if isinstance(t, int) and not isinstance(t, bool) and close is not None and close > 0:
+            out.append({"t": t, "open": num(it.get("open")), "high": num(it.get("high")), "low": num(it.get("low")),
+                        "close": close, "volume": num(it.get("volume")), "venue": it.get("venue")})
+    return out
 
 
 def candles_from_history(items: Iterable[Mapping[str, Any]]) -> list[dict]:
