@@ -120,6 +120,7 @@ class ChampionWatcher:
                 "aliases": list(getattr(mv, "aliases", []) or []),
                 "promoted_ts": self._promotion_time(version) or _promoted_ts(mv),
                 "seen_ts": time.time(),
+                "metrics": self._run_metrics(getattr(mv, "run_id", None)),
             }
             self.swaps.append({"from": old.spec.version if old else None, "to": version, "ts": time.time()})
             self.swaps = self.swaps[-50:]
@@ -190,6 +191,17 @@ class ChampionWatcher:
             return json.loads(Path(local).read_text())
         except Exception:
             return None
+
+    def _run_metrics(self, run_id: str | None) -> dict[str, float]:
+        """The metrics the training run logged (validation/test, baselines, the champion reference):
+        what the dashboard's Model tab compares. Empty when the run is unreadable."""
+        if not run_id:
+            return {}
+        try:
+            return {str(k): float(v) for k, v in self._mlflow().get_run(run_id).data.metrics.items()}
+        except Exception as exc:  # the registry is best effort here: serving does not depend on it
+            log.warning("training metrics unavailable", extra={"run_id": run_id, "error": str(exc)[:200]})
+            return {}
 
     def _promotion_time(self, version: str) -> int | None:
         """When the alias moved to ``version``, from the model package's promotion log (registered-model

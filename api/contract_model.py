@@ -110,7 +110,7 @@ def build(path: str | Path, variates: Sequence[str], *, lookback: int, horizon: 
 
 def register(tracking_uri: str, model_name: str, onnx_path: str | Path, *, artifact_root: str | Path,
              alias: str | None = "champion", experiment: str = "tickcast-api-reference",
-             tags: dict[str, str] | None = None) -> str:
+             tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None) -> str:
     """Log ``onnx_path`` as ``onnx/model.onnx`` of a new run, register it, optionally set ``alias``.
     Returns the new version."""
     import mlflow
@@ -130,6 +130,8 @@ def register(tracking_uri: str, model_name: str, onnx_path: str | Path, *, artif
     if onnx_path.name != "model.onnx":
         raise ValueError("the contract names the artifact onnx/model.onnx: pass a file called model.onnx")
     client.log_artifact(run.info.run_id, str(onnx_path), "onnx")
+    for key, value in (metrics or {}).items():
+        client.log_metric(run.info.run_id, key, float(value))
     client.set_terminated(run.info.run_id)
     mv = client.create_model_version(model_name, f"{run.info.artifact_uri}/onnx", run_id=run.info.run_id,
                                      tags=tags or {})

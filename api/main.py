@@ -364,7 +364,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
             "quantiles": m.get("quantiles") or [], "flat_threshold": m.get("flat_threshold"),
             "registry_hash": m.get("registry_hash"), "signal": m.get("signal"), "providers": m.get("providers") or [],
             "has_feature_summary": bool(m.get("has_feature_summary")), "last_check_ts": st.get("last_check_ts"),
-            "last_error": st.get("last_error"), "poll_s": options.champion_poll_s, "swaps": st.get("swaps") or []})
+            "last_error": st.get("last_error"), "poll_s": options.champion_poll_s, "swaps": st.get("swaps") or [],
+            "metrics": rv.get("metrics") or {}})
 
     @app.post("/model/reload", response_model=S.ModelOut, tags=["model"],
               responses={**AUTH_ERRORS, 409: {"model": S.ErrorOut, "description": "no champion watcher here"}},

@@ -242,6 +242,9 @@ class BacktestOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str = Field(description="registered model name")
+    metrics: dict[str, float] = Field(default_factory=dict, description="the metrics the champion's training run "
+                                      "logged: val_*/test_* per target (pinball, coverage, MAE, ...), the baselines' "
+                                      "and the previous champion's (champion_val_*) on the same split")
     champion_version: str | None
     loaded_at: float | None = Field(description="when this API loaded it, epoch s")
     promoted_ts: int | None = Field(description="when it became champion, epoch ms (the registry's promotion log, "

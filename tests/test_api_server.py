@@ -164,7 +164,8 @@ def registry(tmp_path_factory):
     path = contract_model.build(root / "v1" / "model.onnx", VARIATES, lookback=L, horizon=H, drift=0.002,
                                 direction_p=(0.1, 0.2, 0.7), model_name=MODEL, model_version="1",
                                 extra_metadata={"feature_summary": training_summary()})
-    v1 = contract_model.register(uri, MODEL, path, artifact_root=root / "artifacts")
+    v1 = contract_model.register(uri, MODEL, path, artifact_root=root / "artifacts",
+                                 metrics={"val_close_pinball": 0.00123, "val_close_coverage": 0.8})
     return {"root": root, "uri": uri, "v1": v1}
 
 
@@ -620,6 +621,9 @@ def test_backtest_pnl_monitoring_health_and_model(server):
     model = get(server, "/model").json()
     assert model["name"] == MODEL and model["lookback"] == L and model["variates"] == VARIATES
     assert model["promoted_ts"] and model["loaded_at"]
+    # the training run's metrics come along (v1 logged two; a later champion of the hot-swap test none)
+    v1_metrics = {"val_close_pinball": 0.00123, "val_close_coverage": 0.8}
+    assert model["metrics"] == (v1_metrics if model["champion_version"] == server["registry"]["v1"] else {})
     sy = get(server, "/symbols").json()
     assert [s["symbol"] for s in sy["symbols"]] == SYMS
 
