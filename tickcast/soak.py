@@ -328,7 +328,14 @@ class Soak:
         self.watch.start()
         exchange_args = ("--seed", str(self.cfg.seed), "--history-days", str(self.cfg.history_days),
                          "--sent-log-max", "0", "--speed", "1")
-        for c in stack.market_components(s, "local", env, exchange_args) + stack.pipeline_components(s, env):
+        # the feature registry is pinned for the run (the replay must use the one the live flow used,
+        # and a restarted flow must not pick up an edit made meanwhile)
+        from flows.registry import DEFAULT_PATH
+
+        self.registry = self.run_dir / "features.yaml"
+        shutil.copyfile(DEFAULT_PATH, self.registry)
+        for c in (stack.market_components(s, "local", env, exchange_args)
+                  + stack.pipeline_components(s, env, ("--registry", str(self.registry)))):
             self.sup.add(c)
         self.sup_thread = threading.Thread(target=self.sup.supervise, args=(self.sup_stop,), name="soak-supervisor",
                                            daemon=True)
@@ -804,7 +811,7 @@ class Parity:
 
 
 def audit_parity(bootstrap: str, lake, symbols: list[str], to_ms: int, work_dir: Path, progress: bool,
-                 dump: Path | None = None) -> tuple[Parity, dict]:
+                 dump: Path | None = None, registry_path: str | None = None) -> tuple[Parity, dict]:
     """Every vector published up to ``to_ms`` (the start-up history vectors included) vs the replay."""
     from flows.offline_replay import iter_vectors, replay
     from flows.parity import ParityReport, compare, read_published, records_equal
@@ -812,7 +819,7 @@ def audit_parity(bootstrap: str, lake, symbols: list[str], to_ms: int, work_dir:
     online, inconsistent = read_published(bootstrap, 0, to_ms, symbols, seek_margin_ms=None)
     from_ms = min((k[2] for k in online), default=to_ms - MINUTE_MS) - 1
     out = work_dir / "parity-replay"
-    replay(lake, symbols, from_ms, to_ms, out, progress=progress)
+    replay(lake, symbols, from_ms, to_ms, out, progress=progress, registry_path=registry_path, tail_ms=3_000)
     offline = {(r["symbol"], r["cadence"], r["window_end"]): r for r in iter_vectors(out, symbols=symbols)}
     shutil.rmtree(out, ignore_errors=True)
     rep = compare(online, offline, ParityReport((from_ms, to_ms), list(symbols)))
@@ -951,7 +958,8 @@ def report_text(soak: Soak, eo: ExactlyOnce, par: Parity, served: Served) -> str
     for ex in eo.examples[:10]:
         L.append(f"    e.g. {ex}")
     L.append("")
-    L.append(f"parity: features.live vs an uninterrupted offline replay of the archive, windows ending in "
+    L.append(f"parity: every vector on features.live (start-up history included) vs an uninterrupted offline "
+             f"replay of the archive, windows ending in "
              f"({utc(par.from_ms / 1000)}, {utc(par.to_ms / 1000)}]")
     L.append(f"  windows online {par.windows_online}, offline {par.windows_offline}, compared {par.windows_compared} "
              f"{dict(sorted(par.by_cadence.items()))}, only online {par.only_online}, only offline "
@@ -997,15 +1005,16 @@ def run_soak(cfg: SoakConfig, out=None) -> dict:
         eo = audit_exactly_once(sent, lake, soak.symbols, soak.conn_fault, cfg.tail_s)
         del sent
         soak.say(f"soak: archive caught up in {archive_s:.0f} s; replaying the archive for parity")
-        to_ms = (soak.stop_ms - 65_000) // 1000 * 1000
+        # every window that closed before the feed stopped (heartbeats close them up to the stop)
+        to_ms = (soak.stop_ms - 5_000) // 1000 * 1000
         par, online = audit_parity(soak.broker.bootstrap, lake, soak.symbols, to_ms, soak.run_dir, cfg.progress,
-                                   soak.report_dir / "parity-mismatches.jsonl")
+                                   soak.report_dir / "parity-mismatches.jsonl", str(soak.registry))
         last_minute = (soak.stop_ms - 5_000) // MINUTE_MS * MINUTE_MS - MINUTE_MS  # its window closed before the stop
         served = audit_served(soak.settings.lake_root, online, soak.symbols, last_minute)
         text = report_text(soak, eo, par, served)
         result = {"lost": eo.lost, "duplicated": eo.duplicated, "served": served.lowest, "parity": par.pct,
-                  "faults": [asdict(r) for r in soak.faults], "exactly_once": _jsonable(asdict(eo)),
-                  "parity_detail": _jsonable(asdict(par)), "served_detail": served.per_symbol,
+                  "faults": [asdict(r) for r in soak.faults], "exactly_once": _jsonable(vars(eo)),
+                  "parity_detail": _jsonable(vars(par)), "served_detail": served.per_symbol,
                   "timings": soak.timings, "run_dir": str(soak.run_dir), "report_dir": str(soak.report_dir),
                   "text": text}
         (soak.report_dir / "report.txt").write_text(text + "\n")
@@ -1018,6 +1027,7 @@ def run_soak(cfg: SoakConfig, out=None) -> dict:
 
 
 def _jsonable(d):
+    """Plain JSON values (not dataclasses.asdict: it rebuilds a Counter from its items)."""
     if isinstance(d, dict):
         return {str(k): _jsonable(v) for k, v in d.items()}
     if isinstance(d, (list, tuple)):

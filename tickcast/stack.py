@@ -197,11 +197,12 @@ def market_components(settings: Settings, source: str, env: dict,
     return out
 
 
-def pipeline_components(settings: Settings, env: dict) -> list[Component]:
+def pipeline_components(settings: Settings, env: dict, features_args: tuple[str, ...] = ()) -> list[Component]:
+    """``features_args``: extra options of the feature flow (``tickcast soak`` pins its registry)."""
     recovery = str(Path(settings.data_dir) / "recovery" / "features")
     return [
         Component("archive", TICKCAST + ["archive"], env),
-        Component("features", TICKCAST + ["features", "--recovery-dir", recovery], env,
+        Component("features", TICKCAST + ["features", "--recovery-dir", recovery, *features_args], env,
                   health=f"http://127.0.0.1:{settings.features_metrics_port}/metrics"
                   if settings.features_metrics_port else None),
     ]
