@@ -62,15 +62,17 @@ def _registry_cached(path: str) -> Registry:
 # --- gw_seq ordering -------------------------------------------------------------------------------
 class Sequencer:
     """Releases events strictly in gw_seq order. A missing gw_seq is waited for until
-    ``hold_events`` later events are pending or they reach ``hold_ms`` of event time past the last
-    released event; then it is declared a hole and skipped. The first release waits for the same
+    ``hold_events`` later events are pending or they reach ``hold_ms`` of event time past the first
+    event that waits (never earlier than the last released one: a quiet gap in the data before it,
+    such as a gateway restart, does not count toward the hold); then it is declared a hole and
+    skipped. The first release waits for the same
     bound, so the stream starts at the smallest gw_seq seen. Duplicates and events older than what
     was released are dropped and counted. An item pushed with ``ts=None`` has no event time of the
     stream (a news item's time is its publication, possibly minutes old): it is ordered like any
     other but never moves the hold."""
 
     __slots__ = ("next", "pending", "hold_events", "hold_ms", "ref_ts", "max_ts", "holes", "skipped",
-                 "duplicates", "late")
+                 "duplicates", "late", "wait_ts")
 
     def __init__(self, hold_events: int, hold_ms: int):
         self.next: int | None = None
@@ -79,7 +81,16 @@ class Sequencer:
         self.hold_ms = hold_ms
         self.ref_ts: int | None = None  # ts of the last released event (or the first pending one)
         self.max_ts: int | None = None  # largest ts pending
+        self.wait_ts: int | None = None  # smallest ts pending (None: to be computed)
         self.holes = self.skipped = self.duplicates = self.late = 0
+
+    def __getstate__(self):
+        return None, {k: getattr(self, k) for k in self.__slots__ if hasattr(self, k)}
+
+    def __setstate__(self, state):  # also snapshots taken before wait_ts existed
+        self.wait_ts = None
+        for k, v in (state[1] if isinstance(state, tuple) else state).items():
+            setattr(self, k, v)
 
     def push(self, seq: int, ts: int, item, out: list) -> None:
         nxt = self.next
@@ -101,15 +112,28 @@ class Sequencer:
                 self.ref_ts = ts
             if self.max_ts is None or ts > self.max_ts:
                 self.max_ts = ts
+            if self.wait_ts is not None and ts < self.wait_ts:
+                self.wait_ts = ts
         self._drain(out, False)
+
+    def _waiting(self) -> bool:
+        """Still within the hold: fewer than hold_events pending and less than hold_ms of event time
+        between the first waiting event (not before the last released one) and the newest."""
+        if len(self.pending) >= self.hold_events:
+            return False
+        if self.max_ts is None:
+            return True
+        if self.wait_ts is None:
+            self.wait_ts = min((ts for ts, _ in self.pending.values() if ts is not None), default=None)
+        start = self.ref_ts if self.wait_ts is None else max(self.ref_ts, self.wait_ts)
+        return self.max_ts - start < self.hold_ms
 
     def _drain(self, out: list, force: bool) -> None:
         pending = self.pending
         while pending:
             nxt = self.next
             if nxt not in pending:
-                if not force and len(pending) < self.hold_events and (
-                        self.max_ts is None or self.max_ts - self.ref_ts < self.hold_ms):
+                if not force and self._waiting():
                     return
                 first = min(pending)
                 if nxt is not None:
@@ -119,6 +143,7 @@ class Sequencer:
             ts, item = pending.pop(nxt)
             out.append(item)
             self.next = nxt + 1
+            self.wait_ts = None  # recomputed over what is left when it is needed
             if ts is not None:
                 self.ref_ts = ts
         self.max_ts = None

@@ -361,3 +361,30 @@ def test_sequencer_items_without_event_time_do_not_move_the_hold():
     assert out == [0, 1, 2] and seq.holes == 0
     out += push_all(seq, [(3, 10_650)])
     assert out == [0, 1, 2, 3, 4] and seq.holes == 0 and seq.late == 0
+
+
+def test_sequencer_hold_does_not_count_an_outage_gap():
+    """After a gateway restart the stream resumes seconds later in event time, and its first
+    events may reach the engine from another topic before the start-up history klines (lower
+    gw_seq). The hold must run from the first event that waits, not from the last event before the
+    outage, or those klines are declared a hole at once and dropped (found by the soak)."""
+    seq = Sequencer(hold_events=1000, hold_ms=5_000)
+    out = push_all(seq, [(i, 1_000 + 100 * i) for i in range(10)])  # 0..9 up to ts 1_900, then ~5.5 s quiet
+    out += push_all(seq, [(20, 7_400), (21, 7_500)])  # live events of the new gateway first
+    assert out == list(range(10)) and seq.holes == 0  # 10..19 are waited for
+    out += push_all(seq, [(i, 7_000) for i in range(10, 20)])  # its history klines (stamped at its start)
+    assert out == list(range(22)) and seq.holes == 0 and seq.late == 0
+    out += push_all(seq, [(23, 7_600), (24, 12_700)])  # a real hole (22) is still skipped after the hold
+    assert out == list(range(22)) + [23, 24] and seq.holes == 1 and seq.skipped == 1
+
+
+def test_sequencer_snapshot_from_before_wait_ts_restores():
+    import pickle
+
+    seq = Sequencer(hold_events=10, hold_ms=500)
+    push_all(seq, [(0, 0), (1, 600)])
+    state = seq.__getstate__()
+    old = (state[0], {k: v for k, v in state[1].items() if k != "wait_ts"})  # as pickled before
+    restored = Sequencer.__new__(Sequencer)
+    restored.__setstate__(old)
+    assert push_all(restored, [(2, 700)]) == [2] and pickle.loads(pickle.dumps(restored)).next == 3
