@@ -24,11 +24,11 @@ LAST_LINE = re.compile(r"^lost=(\d+) duplicated=(\d+) served=([0-9.]+|n/a) parit
 @pytest.mark.slow
 def test_soak_short_every_fault_once_nothing_lost_parity_and_every_minute_served(tmp_path):
     run_dir = tmp_path / "run"
-    every = 6
+    every = 5
     minutes = (len(FAULTS) + 0.5) * every / 60  # each kind once
     cmd = [sys.executable, "-m", "tickcast.cli", "soak", "--minutes", f"{minutes:.3f}", "--fault-every-s", str(every),
            "--symbols", "BTCUSDT", "--keep", str(run_dir), "--train-budget-s", "40", "--train-days", "1",
-           "--drain-s", "15"]
+           "--drain-s", "10"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKCAST_", "KAFKA_", "MLFLOW_"))}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False)
     tail = (r.stdout[-6000:], r.stderr[-4000:])

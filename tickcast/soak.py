@@ -583,12 +583,12 @@ class Soak:
             reached = all(v is not None and v >= hi - 1 for (k, hi), v in zip(ends.items(), got.values()))
             if got != last:
                 last, stable_since = got, time.monotonic()
-            if reached and time.monotonic() - stable_since > 6.0:
+            if reached and time.monotonic() - stable_since > 4.0:
                 return time.monotonic() - t0
             time.sleep(1.0)
         raise RuntimeError(f"the archive did not catch up within {timeout:.0f} s: {last} vs ends {ends}")
 
-    def wait_features_idle(self, quiet_s: float = 8.0, timeout: float = 300.0) -> None:
+    def wait_features_idle(self, quiet_s: float = 4.0, timeout: float = 300.0) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             with self.watch.lock:
@@ -920,7 +920,9 @@ def report_text(soak: Soak, eo: ExactlyOnce, par: Parity, served: Served) -> str
              f"speed 1; gateway, raw archive, feature flow (recovery), API with champion v{soak.champion} "
              f"(trained in {soak.timings.get('champion_s', 0):.0f} s on {cfg.train_days:g} days of the exchange's "
              f"REST history), dashboard; up in {soak.timings.get('startup_s', 0):.0f} s")
-    L.append(f"run dir  {soak.run_dir if soak.temp is None else str(soak.report_dir) + ' (data removed)'}")
+    L.append(f"run dir  {soak.run_dir if soak.temp is None else str(soak.report_dir) + ' (data removed)'}; "
+             f"audit {soak.timings.get('audit_s', 0):.0f} s (archive caught up "
+             f"{soak.timings.get('archive_catch_up_s', 0):.0f} s after the gateway stopped)")
     L.append("")
     L.append(f"faults injected: {len(soak.faults)}  (broker partition = the TCP proxy in front of tansu cut for "
              f"{cfg.cut_s:g} s: tansu keeps its data in memory only, so a broker process restart would lose it all)")
@@ -996,9 +998,11 @@ def run_soak(cfg: SoakConfig, out=None) -> dict:
         time.sleep(cfg.drain_s)
         soak.stop_feed()
         soak.say("soak: gateway stopped; reading the exchange's sent log and waiting for the archive")
+        t_audit = time.monotonic()
         sent = soak.sent_log()
         archive_s = soak.wait_archive()
         soak.wait_features_idle()
+        soak.timings["archive_catch_up_s"] = archive_s
         from flows.lake import Lake
 
         lake = Lake(soak.settings.lake_root)
@@ -1011,6 +1015,7 @@ def run_soak(cfg: SoakConfig, out=None) -> dict:
                                    soak.report_dir / "parity-mismatches.jsonl", str(soak.registry))
         last_minute = (soak.stop_ms - 5_000) // MINUTE_MS * MINUTE_MS - MINUTE_MS  # its window closed before the stop
         served = audit_served(soak.settings.lake_root, online, soak.symbols, last_minute)
+        soak.timings["audit_s"] = time.monotonic() - t_audit
         text = report_text(soak, eo, par, served)
         result = {"lost": eo.lost, "duplicated": eo.duplicated, "served": served.lowest, "parity": par.pct,
                   "faults": [asdict(r) for r in soak.faults], "exactly_once": _jsonable(vars(eo)),
