@@ -62,11 +62,13 @@ def forecast_windows(session, w, origins: np.ndarray, batch_size: int = 2048) ->
     """Forecast dict (close_q, rv_q, range_q, dir_p) for origins of ``model.data.Windows`` whose
     variates and lookback match the session's metadata."""
     meta = read_metadata(session)
-    if list(meta.get("variates", [])) != list(w.variates) or int(meta.get("lookback", -1)) != w.lookback:
-        raise ValueError("windows do not match the model's variates/lookback")
+    lookback = int(meta.get("lookback", -1))
+    if list(meta.get("variates", [])) != list(w.variates) or not 0 < lookback <= w.lookback:
+        raise ValueError(f"windows (variates {len(w.variates)}, lookback {w.lookback}) do not fit the model's "
+                         f"variates/lookback ({len(meta.get('variates', []))}, {lookback})")
     parts = {k: [] for k in OUTPUTS}
     for i in range(0, len(origins), batch_size):
-        out = run_onnx(session, w.gather(origins[i:i + batch_size]))
+        out = run_onnx(session, w.gather(origins[i:i + batch_size])[:, w.lookback - lookback:])
         for k in OUTPUTS:
             parts[k].append(out[k])
     cat = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}

@@ -307,7 +307,7 @@ def _champion_reference(settings, w: Windows, val: np.ndarray, taus) -> tuple[st
     meta = read_metadata(path)
     variates, lookback = list(meta.get("variates", [])), int(meta.get("lookback", 0))
     try:
-        cw = w if (variates == w.variates and lookback == w.lookback) else None
+        cw = w if (variates == w.variates and 0 < lookback <= w.lookback) else None
         if cw is None:
             return version, None, f"champion v{version} reads other variates/lookback"
         fc = forecast_windows(open_session(path), cw, val)
