@@ -6,15 +6,7 @@ from datetime import UTC
 
 import typer
 
-
-def _settings(**overrides):
-    from tickcast.config import ConfigError, get_settings, load_settings
-
-    try:
-        return load_settings(**overrides) if overrides else get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+from tickcast.clitools import settings_or_exit as _settings
 
 
 def _symbols(value: str | None) -> list[str] | None:

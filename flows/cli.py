@@ -14,20 +14,13 @@ import json
 
 import typer
 
+from tickcast.clitools import settings_or_exit as _settings
+
 lake_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        help="The Delta Lake bronze tables: versions, retention, history imports.")
 dataset_app = typer.Typer(no_args_is_help=True, add_completion=False,
                           help="Versioned training datasets (features + future-only targets).")
 
-
-def _settings():
-    from tickcast.config import ConfigError, get_settings
-
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
 
 
 def _lake(lake_root: str | None):

@@ -84,18 +84,6 @@ class Settings(BaseSettings):
     news_local_url: str = Field("http://127.0.0.1:8790", validation_alias=_env("news_local_url"),
                                 description="the local feed server (`tickcast newsfeed`) used when source=local")
 
-    @field_validator("news_feeds", mode="before")
-    @classmethod
-    def _parse_news_feeds(cls, value):
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                import json
-
-                return json.loads(value)
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
-
     @field_validator("news_feeds")
     @classmethod
     def _check_news_feeds(cls, value: list[str]) -> list[str]:
@@ -163,7 +151,7 @@ class Settings(BaseSettings):
                                        description="feature flow's Prometheus /metrics (Bytewax dataflow API); 0: off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias=_env("log_level"))
 
-    @field_validator("symbols", "cors_origins", mode="before")
+    @field_validator("symbols", "cors_origins", "news_feeds", mode="before")
     @classmethod
     def _split_list(cls, value):
         if isinstance(value, str):

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import typer
 
-
-def _settings():
-    from tickcast.config import ConfigError, get_settings
-
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+from tickcast.clitools import settings_or_exit as _settings
 
 
 def news(local: bool = typer.Option(None, "--local/--internet",
