@@ -20,7 +20,7 @@ Every baseline has ``fit(w, train, val)`` and ``predict(w, origins) -> forecast 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,7 +72,7 @@ class RandomWalkQuantiles:
         self.path_horizons = path_horizons
         self._cache: dict | None = None
 
-    def fit(self, w: Windows, train=None, val=None) -> "RandomWalkQuantiles":
+    def fit(self, w: Windows, train=None, val=None) -> RandomWalkQuantiles:
         H = w.horizon
         seg = w.seg_start
         hs = list(self.path_horizons or range(1, H + 1))
@@ -187,7 +187,7 @@ class VolScaled:
                 "rv_q": s[:, -1:] * m["rv"][None, :],
                 "range_q": s[:, -1:] * m["range"][None, :]}
 
-    def fit(self, w: Windows, train: np.ndarray, val: np.ndarray | None = None) -> "VolScaled":
+    def fit(self, w: Windows, train: np.ndarray, val: np.ndarray | None = None) -> VolScaled:
         train = np.asarray(train)
         if self.kind == "garch":
             r = log_returns(w)
@@ -248,7 +248,7 @@ class LightGBMQuantile:
     def _targets(self, w: Windows, o: np.ndarray) -> dict:
         return {"close": w.path[o, -1], "rv": w.rv[o], "range": w.range_rel[o]}
 
-    def fit(self, w: Windows, train: np.ndarray, val: np.ndarray | None = None) -> "LightGBMQuantile":
+    def fit(self, w: Windows, train: np.ndarray, val: np.ndarray | None = None) -> LightGBMQuantile:
         import lightgbm as lgb
         from tqdm.auto import tqdm
 

@@ -10,15 +10,20 @@ of the dataset's default split and writes a report (markdown + PNG plots).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from model.backtest import BacktestConfig, portfolio_backtest, positions_from_scores, score_from_forecast, size_positions
+from model.backtest import (
+    BacktestConfig,
+    portfolio_backtest,
+    positions_from_scores,
+    score_from_forecast,
+    size_positions,
+)
 from model.data import Windows
 from model.metrics import forecast_metrics
 

@@ -85,7 +85,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -312,7 +312,7 @@ class ITransformer(nn.Module):
             if self.n_harm:
                 s1, c1 = x[:, -1, self.tod_idx[0]], x[:, -1, self.tod_idx[1]]
                 sk, ck = s1, c1
-                for k in range(self.n_harm):
+                for _ in range(self.n_harm):
                     feats += [sk.unsqueeze(1), ck.unsqueeze(1)]
                     sk, ck = sk * c1 + ck * s1, ck * c1 - sk * s1  # angle addition: (k+1) theta
                 if self.dow_idx is not None:

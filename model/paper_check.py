@@ -73,7 +73,7 @@ def run(csv: str | Path, horizons=(96, 192, 336, 720), lookback: int = 96, epoch
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
 
-        def windows(part):
+        def windows(part, H=H):
             lo, hi = b1[part], b2[part]
             starts = np.arange(lo, hi - lookback - H + 1)
             return starts
@@ -84,12 +84,12 @@ def run(csv: str | Path, horizons=(96, 192, 336, 720), lookback: int = 96, epoch
         model = PaperITransformer(values.shape[1], lookback, H, d_model, n_heads, e_layers, d_ff, dropout)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
 
-        def batch(starts):
+        def batch(starts, H=H):
             idx = starts[:, None] + np.arange(lookback)[None, :]
             fut = starts[:, None] + lookback + np.arange(H)[None, :]
             return (torch.from_numpy(data[idx]), torch.from_numpy(marks[idx]), torch.from_numpy(data[fut]))
 
-        def evaluate(starts):
+        def evaluate(starts, model=model):
             model.eval()
             se = ae = n = 0.0
             with torch.no_grad():

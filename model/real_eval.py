@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flows.candles import MINUTE_MS
 from model.backtest import BacktestConfig
 from model.data import make_windows
 from model.evaluate import backtest_forecast, comparison_table, evaluate_forecasters, run_baselines

@@ -77,7 +77,7 @@ class TrainConfig:
         """The window length the data must provide (the longest member's lookback)."""
         return max([self.lookback] + [int(m.get("lookback", self.lookback)) for m in self.members])
 
-    def member(self, k: int) -> "TrainConfig":
+    def member(self, k: int) -> TrainConfig:
         if not self.members:
             return self
         d = self.to_dict()
@@ -97,7 +97,7 @@ class TrainConfig:
                            ewma_halflives=list(self.ewma_halflives))
 
     @classmethod
-    def load(cls, path: str | Path | None, **overrides) -> "TrainConfig":
+    def load(cls, path: str | Path | None, **overrides) -> TrainConfig:
         data: dict = {}
         if path:
             p = Path(path)
@@ -345,7 +345,6 @@ def train(dataset, cfg: TrainConfig, settings=None, out_dir: str | Path | None =
     """The whole training run; returns a summary dict (paths, metrics, version, decision)."""
     import torch
 
-    from model import registry
     from model.export import contract_metadata, export_onnx, parity_check
     from model.report import write_report
 

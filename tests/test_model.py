@@ -13,8 +13,15 @@ import pytest
 
 from flows.candles import KLINE_VARIATES, MINUTE_MS
 from flows.targets import forward_targets
-from model.data import (DatasetError, build_kline_dataset, funding_asof, kline_variate_names, load_dataset,
-                        load_funding_csv, load_klines_csv, make_windows)
+from model.data import (
+    DatasetError,
+    funding_asof,
+    kline_variate_names,
+    load_dataset,
+    load_funding_csv,
+    load_klines_csv,
+    make_windows,
+)
 from model.synthetic import synthetic_klines
 from tests.conftest import FIXTURES, REPO
 
@@ -345,8 +352,13 @@ def test_backtest_arithmetic_by_hand():
 
 
 def test_backtest_funding_sizing_and_stats():
-    from model.backtest import (BacktestConfig, funding_per_bar, positions_from_scores, run_backtest,
-                                size_positions)
+    from model.backtest import (
+        BacktestConfig,
+        funding_per_bar,
+        positions_from_scores,
+        run_backtest,
+        size_positions,
+    )
 
     t0 = 8 * 3600_000 * 1000  # a settlement boundary
     ts = t0 - 3 * MINUTE_MS + np.arange(6) * MINUTE_MS  # the bar starting at t0 - 1 min ends on it
@@ -496,7 +508,7 @@ def test_walk_forward_evaluation_against_every_baseline_on_synthetic_data():
     for name, m in r["metrics"].items():
         assert m["close"]["n"] == len(test), name  # every forecaster scored on the same origins
         assert 0.0 < m["rv"]["coverage"] <= 1.0
-    for name, bt in r["backtests"].items():
+    for bt in r["backtests"].values():
         assert set(bt) == {"fixed", "vol_target"} and "pnl_per_30d" in bt["fixed"]["total"]
     table = comparison_table(r["metrics"], r["backtests"])
     assert "lgbm_std" in table and "P&L per 30 d" in table

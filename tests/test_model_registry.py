@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 mlflow = pytest.importorskip("mlflow")
 
 from model import registry  # noqa: E402
-from model.registry import Decision, promotion_decision  # noqa: E402
+from model.registry import promotion_decision  # noqa: E402
 
 
 def _m(close, rv, rng, cov=0.8):
