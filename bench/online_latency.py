@@ -67,6 +67,8 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
         consumer = Consumer(consumer_config(broker.bootstrap, "bench-latency"))
         assign_all(consumer, [FEATURES_LIVE], from_beginning=False)
         lat: list[float] = []
+        to_emit: list[float] = []  # gateway receive -> the flow's sink (gateway, broker, source, engine)
+        from_emit: list[float] = []  # the flow's sink -> this consumer (the output hop)
         per_cadence: dict[str, int] = {}
         warm_until = time.monotonic() + 15.0  # connections, snapshots, first windows
         end = warm_until + seconds
@@ -80,6 +82,8 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
                         continue
                     rec = serde.decode(m.value(), expect="FeatureVector")
                     lat.append((arrived - rec["close_recv_ts"]) / 1000.0)
+                    to_emit.append((rec["emit_ts"] - rec["close_recv_ts"]) / 1000.0)
+                    from_emit.append((arrived - rec["emit_ts"]) / 1000.0)
                     per_cadence[rec["cadence"]] = per_cadence.get(rec["cadence"], 0) + 1
                 for p in procs:
                     if p.poll() is not None:
@@ -93,6 +97,9 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    print(f"  receive -> flow sink ms: p50={_percentile(to_emit, .5):.2f} p99={_percentile(to_emit, .99):.2f}; "
+          f"flow sink -> consumer ms: p50={_percentile(from_emit, .5):.2f} p99={_percentile(from_emit, .99):.2f}"
+          if lat else "")
     return lat, per_cadence
 
 
