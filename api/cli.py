@@ -10,13 +10,9 @@ def serve(host: str = typer.Option(None, help="default: TICKCAST_API_HOST (127.0
     """Run the prediction service: ONNX champion every minute, predictions, alerts, SSE, REST."""
     import uvicorn
 
-    from tickcast.config import ConfigError, get_settings
+    from tickcast.clitools import settings_or_exit
 
-    try:
-        settings = get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    settings = settings_or_exit()
     uvicorn.run("api.main:app", host=host or settings.api_host, port=port or settings.api_port,
                 log_level=log_level, timeout_graceful_shutdown=5, access_log=False)
 

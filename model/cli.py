@@ -7,17 +7,9 @@ import sys
 
 import typer
 
+from tickcast.clitools import settings_or_exit
+
 model_app = typer.Typer(no_args_is_help=True, help="Model registry: champion/challenger, promotion, rollback.")
-
-
-def _settings():
-    from tickcast.config import ConfigError, get_settings
-
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
 
 
 def train(dataset: str = typer.Option(..., help="dataset id, Parquet/Delta path or kline CSV"),
@@ -57,7 +49,7 @@ def list_versions() -> None:
     """Registered versions with their aliases."""
     from model import registry
 
-    for v in registry.list_versions(_settings()):
+    for v in registry.list_versions(settings_or_exit()):
         typer.echo(f"v{v['version']:>4}  {','.join(v['aliases']) or '-':22s} run {v['run_id']}")
 
 
@@ -67,7 +59,7 @@ def champion() -> None:
     from model import registry
 
     try:
-        version, path = registry.champion_onnx_path(_settings())
+        version, path = registry.champion_onnx_path(settings_or_exit())
     except registry.NoChampionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
@@ -83,7 +75,7 @@ def promote(version: str = typer.Argument(..., help="registered version number")
     if not version.isdigit():
         typer.echo(f"version must be a number, got {version!r}", err=True)
         raise typer.Exit(2)
-    d = registry.promote(_settings(), version, force=force)
+    d = registry.promote(settings_or_exit(), version, force=force)
     typer.echo(("promoted: " if d.promote else "not promoted: ") + d.reason)
     raise typer.Exit(0 if d.promote else 1)
 
@@ -97,7 +89,7 @@ def rollback(to: str = typer.Option(None, "--to", help="version (default: the pr
         typer.echo(f"version must be a number, got {to!r}", err=True)
         raise typer.Exit(2)
     try:
-        entry = registry.rollback(_settings(), to)
+        entry = registry.rollback(settings_or_exit(), to)
     except LookupError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
@@ -109,7 +101,7 @@ def log() -> None:
     """The promotion log (every alias move and rejected promotion), oldest first."""
     from model import registry
 
-    for e in registry.promotion_log(_settings()):
+    for e in registry.promotion_log(settings_or_exit()):
         typer.echo(json.dumps(e, sort_keys=True))
 
 
@@ -120,7 +112,7 @@ def quick(dataset: str = typer.Option(..., help="dataset id/path or kline CSV"),
     """Train a small champion from kline history within the time budget (fresh machines)."""
     from model.train import quick_champion
 
-    s = quick_champion(dataset, _settings(), time_budget_s=budget, force=force)
+    s = quick_champion(dataset, settings_or_exit(), time_budget_s=budget, force=force)
     typer.echo(json.dumps({k: s.get(k) for k in ("version", "onnx", "promoted", "skipped", "train_seconds")},
                           default=str))
 

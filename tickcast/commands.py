@@ -6,15 +6,7 @@ from pathlib import Path
 
 import typer
 
-
-def _settings():
-    from tickcast.config import ConfigError, get_settings
-
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+from tickcast.clitools import settings_or_exit
 
 
 def broker(port: int = typer.Option(0, help="loopback port (0: a free one)"),
@@ -44,7 +36,7 @@ def topics(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"))
     """Create every declared topic on a broker (idempotent) and list them."""
     from tickcast.topics import TOPICS, ensure_topics
 
-    bootstrap = bootstrap or _settings().kafka_bootstrap
+    bootstrap = bootstrap or settings_or_exit().kafka_bootstrap
     if not bootstrap:
         typer.echo("no broker: set KAFKA_BOOTSTRAP or pass --bootstrap", err=True)
         raise typer.Exit(2)
@@ -57,14 +49,14 @@ def up() -> None:
     """Start the whole stack with embedded defaults and supervise it (Ctrl-C stops everything)."""
     from tickcast.stack import run_stack
 
-    raise typer.Exit(run_stack(_settings()))
+    raise typer.Exit(run_stack(settings_or_exit()))
 
 
 def status() -> None:
     """Each component of a running `tickcast up`: state, restarts, health."""
     from tickcast.stack import status as stack_status
 
-    raise typer.Exit(stack_status(_settings()))
+    raise typer.Exit(stack_status(settings_or_exit()))
 
 
 def bench(only: list[str] = typer.Argument(None, help="script names (default: every bench/*.py)"),
