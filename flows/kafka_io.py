@@ -14,6 +14,11 @@ what it reads per topic and hands over only messages up to the *frontier* + ``al
 frontier is the earliest exchange time that some topic may still deliver (its queue head, or the last
 time read from a topic that has more to read). Live, every topic is caught up and messages pass
 straight through; in a backlog, topics advance together. A topic whose queue is full is paused.
+The cached high watermarks behind "more to read" lag after a reconnect (a broker partition heals, one
+topic's backlog is fetched before the others'), so each time the hand-over is about to pass another
+``confirm_jump_ms`` of exchange time, the topics with nothing queued are confirmed with a broker
+round trip: otherwise seconds of book deltas would pass ahead of the trades and tickers sent between
+them, and the engine would declare those late.
 The resume state counts only messages handed over, so queued ones are read again after a restart.
 
 ``KafkaRecordSink`` encodes records with the serde and produces them keyed by symbol.
@@ -46,7 +51,8 @@ class _RawPartition(StatefulSourcePartition):
     """Partition index i of every raw topic: decode, merge the topics by exchange time, yield."""
 
     def __init__(self, bootstrap: str, topics: tuple[str, ...], index: int, resume: dict | None,
-                 batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int):
+                 batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int,
+                 confirm_jump_ms: int = 1_000):
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
         self.serde = serde
@@ -64,15 +70,34 @@ class _RawPartition(StatefulSourcePartition):
         self.last_ts: dict[str, int] = {}  # largest ts read per topic
         self.read_to: dict[str, int] = {}  # next offset to read per topic
         self.paused: set[str] = set()
-        self.dead: list = []
+        self.confirm_jump_ms = confirm_jump_ms
+        self.confirmed_to: float = float("-inf")  # the hand-over limit at the last confirmation
+        self.confirmed: dict[str, int] = {}  # topic -> high watermark from the last round trip
 
     def _behind(self, topic: str) -> bool:
-        """Messages remain below the (cached) high watermark that we have not read yet."""
+        """Messages remain below the high watermark (cached, or confirmed by a recent round trip)
+        that we have not read yet."""
         low, high = self.consumer.get_watermark_offsets(self.tps[topic], cached=True)
+        high = max(high, self.confirmed.get(topic, -1))
         if high < 0:
             return True  # no fetch response yet: unknown, assume behind
         pos = self.read_to.get(topic, self.offsets.get(topic, high if self.from_end else low))
         return pos < high
+
+    def _confirm_idle_topics(self) -> set[str]:
+        """Ask the broker for the high watermark of every topic with nothing queued; returns the
+        topics whose round trip failed (the caller treats those as having more to read)."""
+        failed = set()
+        for topic, q in self.queues.items():
+            if q:
+                continue
+            try:
+                self.confirmed[topic] = self.consumer.get_watermark_offsets(self.tps[topic], timeout=2,
+                                                                            cached=False)[1]
+            except Exception as exc:  # broker unreachable
+                log.warning("watermark query failed", extra={"topic": topic, "error": str(exc)})
+                failed.add(topic)
+        return failed
 
     def _read(self) -> None:
         msgs = self.consumer.consume(self.batch_size, 0)
@@ -86,7 +111,9 @@ class _RawPartition(StatefulSourcePartition):
             try:
                 name, rec = decode(m.value())
             except SerdeError as exc:
-                self.dead.append((m.offset(), topic, dead_letter(
+                # queued in offset order with the topic's last time: handed over (and so counted in
+                # the resume offsets) exactly when the messages around it are, never twice
+                self.queues[topic].append((self.last_ts.get(topic, float("-inf")), m.offset(), None, dead_letter(
                     "features.decode", topic, exc.kind, str(exc), m.value(),
                     (m.key() or b"").decode("utf-8", "replace") or None)))
                 continue
@@ -95,14 +122,14 @@ class _RawPartition(StatefulSourcePartition):
                 self.last_ts[topic] = ts
             self.queues[topic].append((ts, m.offset(), name, rec))
 
-    def _frontier(self) -> float:
+    def _frontier(self, unknown: set[str] = frozenset()) -> float:
         """Exchange time up to which every topic is known: the earliest queued message of any topic,
-        or, for a topic with nothing queued but more to read, the last time read from it."""
+        or, for a topic with nothing queued but more to read (or ``unknown``), the last time read."""
         frontier = float("inf")
         for topic, q in self.queues.items():
             if q:
                 frontier = min(frontier, q[0][0])
-            elif self._behind(topic):
+            elif topic in unknown or self._behind(topic):
                 frontier = min(frontier, self.last_ts.get(topic, float("-inf")))
         return frontier
 
@@ -118,12 +145,21 @@ class _RawPartition(StatefulSourcePartition):
     def next_batch(self):
         self._read()
         limit = self._frontier() + self.slack
+        if limit != float("inf") and limit > self.confirmed_to + self.confirm_jump_ms:
+            failed = self._confirm_idle_topics()
+            limit = self._frontier(failed) + self.slack
+            if not failed:  # else the next batch asks again
+                self.confirmed_to = limit
         by_symbol: dict[str, list] = {}
+        dead = []
         for topic, q in self.queues.items():
             last_offset = None
             while q and q[0][0] <= limit:
                 _, offset, name, rec = q.popleft()
                 last_offset = offset
+                if name is None:
+                    dead.append(("DeadLetter", rec))
+                    continue
                 batch = by_symbol.get(rec["symbol"])
                 if batch is None:
                     by_symbol[rec["symbol"]] = [(name, rec)]
@@ -132,12 +168,8 @@ class _RawPartition(StatefulSourcePartition):
             if last_offset is not None:
                 self.offsets[topic] = last_offset + 1
         out = list(by_symbol.items())
-        if self.dead:
-            for offset, topic, _ in self.dead:
-                if not self.queues[topic]:
-                    self.offsets[topic] = max(self.offsets.get(topic, 0), offset + 1)
-            out.append((DEAD_LETTER_KEY, [("DeadLetter", d) for _, _, d in self.dead]))
-            self.dead = []
+        if dead:
+            out.append((DEAD_LETTER_KEY, dead))
         self._flow_control()
         return out
 
@@ -151,8 +183,9 @@ class _RawPartition(StatefulSourcePartition):
 class RawKafkaSource(FixedPartitionedSource):
     def __init__(self, bootstrap: str, topics: tuple[str, ...] = FEATURE_INPUT_TOPICS, *,
                  batch_size: int = 2_000, from_end: bool = False, serde: Serde | None = None,
-                 align_slack_ms: int = 1_000, max_queue: int = 50_000):
+                 align_slack_ms: int = 1_000, max_queue: int = 50_000, confirm_jump_ms: int = 1_000):
         self.bootstrap = bootstrap
+        self.confirm_jump_ms = confirm_jump_ms
         self.align_slack_ms = align_slack_ms
         self.max_queue = max_queue
         self.topics = tuple(topics)
@@ -176,7 +209,7 @@ class RawKafkaSource(FixedPartitionedSource):
     def build_part(self, step_id, for_part, resume_state):
         return _RawPartition(self.bootstrap, self.topics, int(for_part[1:]), resume_state, self.batch_size,
                              self._serde or default_serde(), self.from_end, self.align_slack_ms,
-                             self.max_queue)
+                             self.max_queue, self.confirm_jump_ms)
 
 
 class _ProducerPartition(StatelessSinkPartition):
