@@ -49,9 +49,12 @@ class EmbeddedBroker:
     """A running tansu process. ``with EmbeddedBroker() as b: b.bootstrap``."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", *,
-                 topics: tuple[TopicSpec, ...] | None = TOPICS, log_file: Path | None = None):
+                 topics: tuple[TopicSpec, ...] | None = TOPICS, log_file: Path | None = None,
+                 advertised_port: int | None = None):
         self.host = host
         self.port = port or free_port(host)
+        # clients learn the broker's address from metadata: another port puts a proxy in between
+        self.advertised_port = advertised_port or self.port
         self.topics = topics
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
@@ -59,19 +62,22 @@ class EmbeddedBroker:
 
     @property
     def bootstrap(self) -> str:
+        return f"{self.host}:{self.advertised_port}"
+
+    @property
+    def listener(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
         # tansu does not exit when its port is taken, and readiness would then find the other
         # broker: check the port ourselves first
         with socket.socket() as probe:
             try:
                 probe.bind((self.host, self.port))
             except OSError as exc:
-                raise BrokerError(f"cannot start tansu on {self.bootstrap}: {exc.strerror}") from None
-        url = f"tcp://{self.host}:{self.port}"
-        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+                raise BrokerError(f"cannot start tansu on {self.listener}: {exc.strerror}") from None
+        cmd = [tansu_binary(), "broker", "--listener-url", f"tcp://{self.listener}",
+               "--advertised-listener-url", f"tcp://{self.bootstrap}", "--storage-engine", "memory://tansu/"]
         self._log_fh = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
@@ -97,11 +103,11 @@ class EmbeddedBroker:
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     pass
-                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+                AdminClient({"bootstrap.servers": self.listener}).list_topics(timeout=2)
                 return
             except Exception:
                 time.sleep(0.1)
-        raise BrokerError(f"tansu did not answer on {self.bootstrap} within {timeout:.0f} s")
+        raise BrokerError(f"tansu did not answer on {self.listener} within {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -119,7 +125,7 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

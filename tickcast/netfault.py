@@ -13,14 +13,10 @@ synchronous code (``tickcast soak``).
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
 import threading
-import time
 from pathlib import Path
 
-from tickcast.broker import BrokerError, _die_with_parent, free_port, tansu_binary
+from tickcast.broker import EmbeddedBroker, free_port
 from tickcast.topics import TOPICS, ensure_topics
 
 
@@ -116,55 +112,14 @@ class ProxyThread:
         self._thread.join(10)
 
 
-class ProxiedBroker:
+class ProxiedBroker(EmbeddedBroker):
     """A tansu broker that advertises the proxy's address, so every client connection (bootstrap
-    and the broker connections learnt from metadata) goes through the proxy."""
+    and the broker connections learnt from metadata) goes through the proxy. Topics are created
+    with ``create_topics`` once the proxy forwards."""
 
     def __init__(self, proxy_port: int, *, log_file: Path | None = None):
-        self.port = free_port()
+        super().__init__(topics=None, log_file=log_file, advertised_port=proxy_port)
         self.proxy_port = proxy_port
-        self.log_file = log_file
-        self.proc = None
-        self._log_fh = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.proxy_port}"
-
-    def start(self, timeout: float = 20.0) -> ProxiedBroker:
-        cmd = [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-               "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy_port}", "--storage-engine", "memory://tansu/"]
-        self._log_fh = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-                                     preexec_fn=_die_with_parent)  # noqa: PLW1509 - set before threads matter
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BrokerError(f"tansu exited with code {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BrokerError("tansu did not start")
 
     def create_topics(self) -> None:
         ensure_topics(self.bootstrap, TOPICS)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log_fh not in (None, subprocess.DEVNULL):
-            self._log_fh.close()
-        self._log_fh = None
