@@ -306,8 +306,8 @@ class Gateway:
     def counts(self) -> dict:
         return {"frames": sum(c.received for c in self.connections), "received": sum(self.received.values()),
                 **self.publisher.counts(), "heartbeats": self.heartbeats,
-                "duplicate_trades": self.parser.duplicate_trades, "book_gaps": self.parser.book_gaps, "reconnects": sum(c.reconnects for c in
-                                                                                     self.connections),
+                "duplicate_trades": self.parser.duplicate_trades, "book_gaps": self.parser.book_gaps,
+                "book_repeats": self.parser.book_repeats, "reconnects": sum(c.reconnects for c in self.connections),
                 "resyncs": self.resyncs, "subscribe_errors": self.subscribe_errors}
 
     # -- running --------------------------------------------------------------------------------

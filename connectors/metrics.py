@@ -80,6 +80,8 @@ class GatewayCollector:
         yield CounterMetricFamily("tickcast_gateway_resyncs", "Order-book resyncs done", value=gw.resyncs)
         yield CounterMetricFamily("tickcast_gateway_book_gaps", "Order-book deltas whose u does not follow",
                                   value=gw.parser.book_gaps)
+        yield CounterMetricFamily("tickcast_gateway_book_repeats", "Order-book deltas whose u is not above the last",
+                                  value=gw.parser.book_repeats)
         yield CounterMetricFamily("tickcast_gateway_duplicate_trades", "Trades dropped as duplicates (same id)",
                                   value=gw.parser.duplicate_trades)
 

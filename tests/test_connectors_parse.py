@@ -288,6 +288,21 @@ def test_u_equal_1_is_a_snapshot_whatever_the_type():
     assert name == "OrderBookSnapshot" and rec["update_id"] == 1
 
 
+def test_a_repeated_u_is_counted_apart_from_a_gap():
+    m = SyntheticMarket("BTCUSDT")
+    p = BybitParser()
+    base = json.loads(m.book_delta())
+    base["type"] = "snapshot"
+    base["data"]["u"] = 100
+    events_of(p, dumps(base))
+    for u in (101, 102, 102, 104, 103, 105):  # a resend, then a reordered pair
+        msg = json.loads(m.book_delta())
+        msg["data"]["u"] = u
+        [(name, rec)] = events_of(p, dumps(msg))
+        assert name == "OrderBookDelta" and rec["update_id"] == u  # all published as is
+    assert (p.book_gaps, p.book_repeats) == (1, 2)  # 104 skips 103; 102 and 103 are not above the last
+
+
 def test_control_replies():
     assert control_kind(decode('{"success":true,"ret_msg":"pong","conn_id":"x","req_id":"1","op":"ping"}')) == "pong"
     assert control_kind(decode('{"success":true,"ret_msg":"","conn_id":"x","req_id":"","op":"subscribe"}')) == \

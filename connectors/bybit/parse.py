@@ -185,6 +185,7 @@ class BybitParser:
         self._trade_ids: dict[str, OrderedDict] = {}
         self.duplicate_trades = 0
         self.book_gaps = 0  # deltas whose u is not the previous u + 1 (passed on: the book assembler resyncs)
+        self.book_repeats = 0  # deltas whose u is not above the previous u (a resend; the assembler ignores it)
         self._last_u: dict[str, int] = {}
         self._topics: dict[str, tuple[str, str, Any]] = {}  # topic -> (channel, symbol, arg) cache
 
@@ -264,10 +265,17 @@ class BybitParser:
             raise ParseError("unknown_type", f"order-book message type {kind!r} is neither snapshot nor delta")
         last = self._last_u.get(symbol)
         if last is not None and u != last + 1 and not (depth == 1 and u == last):
-            self.book_gaps += 1
-            log.warning("order-book update id gap (published as is; the book assembler resyncs)",
-                        extra={"symbol": symbol, "u": u, "previous_u": last, "counts": {"gaps": self.book_gaps}})
-        self._last_u[symbol] = u
+            # published as is either way: the book assembler drops a repeat and resyncs on a gap
+            if u <= last:
+                self.book_repeats += 1
+                log.warning("order-book update id repeated or older (published as is; the book assembler "
+                            "ignores it)", extra={"symbol": symbol, "u": u, "previous_u": last,
+                                                  "counts": {"repeats": self.book_repeats}})
+            else:
+                self.book_gaps += 1
+                log.warning("order-book update id gap (published as is; the book assembler resyncs)",
+                            extra={"symbol": symbol, "u": u, "previous_u": last, "counts": {"gaps": self.book_gaps}})
+        self._last_u[symbol] = max(u, last or 0)
         return ("OrderBookDelta", rec)
 
     def _trades(self, data: list, symbol: str, ts: int, recv_ts: int) -> list[Event]:
