@@ -203,9 +203,9 @@ class PredictionService:
                              "detail": str(err), "ts": time.time()}
 
     def _connect(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, Producer, TopicPartition
 
-        from tickcast.kafka import consumer_config, producer_config
+        from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
 
         bootstrap = self.settings.kafka_bootstrap
         if not bootstrap:
@@ -215,7 +215,7 @@ class PredictionService:
 
             self.serde = default_serde()
         self.producer = Producer(producer_config(bootstrap, error_cb=self._error))
-        consumer = Consumer(consumer_config(bootstrap, f"tickcast-api-{int(time.time())}",
+        consumer = AdaptiveConsumer(consumer_config(bootstrap, f"tickcast-api-{int(time.time())}",
                                             **{"statistics.interval.ms": 5000, "stats_cb": self._stats,
                                                "error_cb": self._error}))
         md = consumer.list_topics(FEATURES_LIVE, timeout=10)

@@ -76,15 +76,16 @@ def restore_next_seq(bootstrap: str, symbols: Iterable[str], serde: Serde, *,
     (heartbeats make every symbol's last records recent, so the scan is short). Raises when the
     broker cannot be read: the gateway must not guess a sequence.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import KafkaException, TopicPartition
 
-    from tickcast.kafka import consumer_config
+    from tickcast.kafka import AdaptiveConsumer, consumer_config
 
     symbols = list(symbols)
     topics = list(topics) if topics is not None else [t.name for t in RAW_TOPICS]
     best: dict[str, int] = {}
     undecodable = 0
-    consumer = Consumer(consumer_config(bootstrap, "tickcast-gateway-restore", **{"enable.partition.eof": True}))
+    consumer = AdaptiveConsumer(consumer_config(bootstrap, "tickcast-gateway-restore",
+                                                **{"enable.partition.eof": True}))
     try:
         md = consumer.list_topics(timeout=timeout)
         for topic in topics:

@@ -140,12 +140,12 @@ def start_offsets(lake: Lake, topic_tables: dict[str, str], tps: list[tuple[str,
 
 class _KafkaIndexPartition(StatefulSourcePartition[RawMessage, None]):
     def __init__(self, cfg: ArchiveConfig, tps: list[tuple[str, int]]):
-        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka import TopicPartition
 
-        from tickcast.kafka import consumer_config
+        from tickcast.kafka import AdaptiveConsumer, consumer_config
 
         self._cfg = cfg
-        self._consumer = Consumer(consumer_config(cfg.bootstrap, "tickcast-archive", low_latency=False,
+        self._consumer = AdaptiveConsumer(consumer_config(cfg.bootstrap, "tickcast-archive", low_latency=False,
                                                   **{"fetch.wait.max.ms": 20}))
         starts = start_offsets(cfg.lake, cfg.topics, tps)
         self._consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])

@@ -33,7 +33,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.dataflow import DEAD_LETTER_KEY
 from flows.metrics import LATENCY
-from tickcast.kafka import consumer_config, producer_config
+from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError, default_serde
 from tickcast.topics import FEATURE_INPUT_TOPICS
@@ -53,7 +53,7 @@ class _RawPartition(StatefulSourcePartition):
     def __init__(self, bootstrap: str, topics: tuple[str, ...], index: int, resume: dict | None,
                  batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int,
                  confirm_jump_ms: int = 1_000):
-        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
         self.serde = serde
         self.batch_size = batch_size
@@ -61,7 +61,7 @@ class _RawPartition(StatefulSourcePartition):
         # resume state: per topic, the offset of the first message not yet handed to the dataflow
         self.offsets: dict[str, int] = dict(resume or {})
         start = OFFSET_END if from_end else OFFSET_BEGINNING
-        self.consumer = Consumer(consumer_config(bootstrap, f"tickcast-features-p{index}"))
+        self.consumer = AdaptiveConsumer(consumer_config(bootstrap, f"tickcast-features-p{index}"))
         self.tps = {t: TopicPartition(t, index) for t in topics}
         self.consumer.assign([TopicPartition(t, index, self.offsets.get(t, start)) for t in topics])
         self.slack = align_slack_ms

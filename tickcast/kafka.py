@@ -1,6 +1,8 @@
 """Kafka client settings used by every component, so partitioning and latency are set in one place."""
 from __future__ import annotations
 
+import time
+
 
 def producer_config(bootstrap: str, *, low_latency: bool = True, **overrides) -> dict:
     """Idempotent, acks=all producer; murmur2 so a key maps to the same partition as Java clients."""
@@ -50,3 +52,130 @@ def assign_all(consumer, topics: list[str], *, from_beginning: bool = True, time
             raise RuntimeError(f"topic {t} does not exist on the broker (run `tickcast topics`)")
         parts += [TopicPartition(t, p, start) for p in md.topics[t].partitions]
     consumer.assign(parts)
+
+
+class AdaptiveConsumer:
+    """A confluent-kafka ``Consumer`` (assign mode) that widens its fetch wait while it is starved and
+    narrows it back once caught up.
+
+    Why: tansu, the embedded broker, lists every stored batch of a partition on each fetch and
+    answers *empty* when that outlasts the fetch's max wait. The listing grows with the partition and
+    with the machine's load, so a consumer behind on a long partition (a flow restarted after a
+    kill -9, an API catching up on the last hours) can get nothing at all at the 5 ms a live
+    consumer needs. When messages wait below the high watermark and none came for ``starve_s``,
+    the consumer is rebuilt at the next position with 4x the wait (up to ``max_wait_ms``); after
+    ``relax_s`` caught up (less than ``caught_up_lag`` messages behind) it goes back to the
+    configured wait; starving again soon after doubles ``relax_s`` (the partition's listing has
+    outgrown the short wait: stop flapping). Kafka and Redpanda never starve, so there it stays a
+    plain consumer. Only ``assign`` is supported (no group subscription)."""
+
+    def __init__(self, conf: dict, *, max_wait_ms: int = 1_000, starve_s: float = 0.5, relax_s: float = 5.0,
+                 caught_up_lag: int = 500):
+        from confluent_kafka import Consumer
+
+        self._make = Consumer
+        self.conf = dict(conf)
+        self.base_wait = self.wait_ms = int(self.conf.get("fetch.wait.max.ms", 500))
+        self.max_wait_ms = max(max_wait_ms, self.base_wait)
+        self.starve_s, self.relax_s, self.caught_up_lag = starve_s, relax_s, caught_up_lag
+        self._relaxed_at = float("-inf")
+        self._c = Consumer(self.conf)
+        self._start: dict[tuple[str, int], int] = {}  # assigned offset (may be logical) per partition
+        self._next: dict[tuple[str, int], int] = {}  # offset after the last message handed out
+        self._paused: set[tuple[str, int]] = set()
+        self._last_data = time.monotonic()
+        self._caught_up_since: float | None = None
+        self.rebuilds = 0
+
+    def __getattr__(self, name):  # list_topics, offsets_for_times, committed, ...
+        return getattr(self._c, name)
+
+    def assign(self, partitions) -> None:
+        self._start = {(tp.topic, tp.partition): tp.offset for tp in partitions}
+        self._next = {}
+        self._paused = set()
+        self._c.assign(partitions)
+        self._last_data = time.monotonic()
+
+    def pause(self, partitions) -> None:
+        self._paused |= {(tp.topic, tp.partition) for tp in partitions}
+        self._c.pause(partitions)
+
+    def resume(self, partitions) -> None:
+        self._paused -= {(tp.topic, tp.partition) for tp in partitions}
+        self._c.resume(partitions)
+
+    def consume(self, num_messages: int = 1, timeout: float = -1):
+        msgs = self._c.consume(num_messages, timeout)
+        now = time.monotonic()
+        got = False
+        for m in msgs:
+            if m.error() is None:
+                self._next[(m.topic(), m.partition())] = m.offset() + 1
+                got = True
+        if got:
+            self._last_data = now
+        self._adapt(now, got)
+        return msgs
+
+    def poll(self, timeout: float = -1):
+        msgs = self.consume(1, timeout)
+        return msgs[0] if msgs else None
+
+    def close(self) -> None:
+        self._c.close()
+
+    def lag(self) -> int | None:
+        """Messages below the cached high watermarks not yet handed out (unpaused partitions);
+        None while a partition's position or watermark is unknown."""
+        from confluent_kafka import TopicPartition
+
+        total = 0
+        for (topic, part), start in self._start.items():
+            if (topic, part) in self._paused:
+                continue
+            high = self._c.get_watermark_offsets(TopicPartition(topic, part), cached=True)[1]
+            pos = self._next.get((topic, part), start)
+            if high < 0 or pos < 0:
+                return None
+            total += max(0, high - pos)
+        return total
+
+    def _adapt(self, now: float, got: bool) -> None:
+        if got:
+            if self.wait_ms == self.base_wait:
+                return
+            lag = self.lag()
+            if lag is not None and lag < self.caught_up_lag:
+                self._caught_up_since = self._caught_up_since or now
+                if now - self._caught_up_since >= self.relax_s:
+                    self._relaxed_at = now
+                    self._rebuild(self.base_wait)
+            else:
+                self._caught_up_since = None
+            return
+        if self.wait_ms < self.max_wait_ms and now - self._last_data >= self.starve_s and self.lag():
+            if now - self._relaxed_at < 60.0:
+                self.relax_s = min(600.0, self.relax_s * 2)
+            self._rebuild(min(self.max_wait_ms, self.wait_ms * 4))
+
+    def _rebuild(self, wait_ms: int) -> None:
+        from confluent_kafka import TopicPartition
+
+        from tickcast.logs import get_logger
+
+        get_logger("kafka").warning(
+            "fetch wait changed (the broker answered empty while messages were waiting)" if wait_ms > self.wait_ms
+            else "fetch wait back to its configured value (caught up)",
+            extra={"group": self.conf.get("group.id"), "fetch_wait_ms": wait_ms, "was_ms": self.wait_ms})
+        self._c.close()
+        self.wait_ms = wait_ms
+        self._c = self._make({**self.conf, "fetch.wait.max.ms": wait_ms})
+        positions = [TopicPartition(t, p, self._next.get((t, p), o)) for (t, p), o in self._start.items()]
+        self._c.assign(positions)
+        paused = [TopicPartition(t, p) for t, p in self._paused]
+        if paused:
+            self._c.pause(paused)
+        self._last_data = time.monotonic()
+        self._caught_up_since = None
+        self.rebuilds += 1

@@ -1,0 +1,60 @@
+"""AdaptiveConsumer against the real embedded broker: tansu answers a fetch *empty* when listing the
+partition's stored batches outlasts the fetch's max wait, so a consumer behind on a long partition
+can starve for good. Reproduced here with a short wait on a partition of many one-record batches."""
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tickcast.broker import EmbeddedBroker
+from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
+from tickcast.topics import TopicSpec
+
+N = 30_000
+
+
+def _read(consumer, seconds: float, until: int) -> list[int]:
+    got: list[int] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(got) < until:
+        got += [int(m.value()) for m in consumer.consume(1000, 0.1) if m.error() is None]
+    return got
+
+
+def test_a_starved_consumer_widens_its_fetch_wait_reads_everything_once_and_narrows_back():
+    with EmbeddedBroker(topics=(TopicSpec("long", (), 1),)) as broker:
+        p = Producer(producer_config(broker.bootstrap, **{"batch.num.messages": 1, "linger.ms": 0}))
+        for i in range(N):  # one batch per record: the listing tansu does per fetch grows with each
+            while True:
+                try:
+                    p.produce("long", str(i).encode())
+                    break
+                except BufferError:
+                    p.poll(0.05)
+            p.poll(0)
+        assert p.flush(60) == 0
+        start = TopicPartition("long", 0, N // 2)
+        conf = consumer_config(broker.bootstrap, "starve", **{"fetch.wait.max.ms": 1})
+
+        plain = Consumer(conf)
+        plain.assign([start])
+        starved = _read(plain, 3.0, N // 2)
+        high = plain.get_watermark_offsets(TopicPartition("long", 0), cached=True)[1]
+        plain.close()
+        assert high == N and len(starved) < N // 2, "the broker no longer starves a 1 ms fetch (test premise)"
+
+        ac = AdaptiveConsumer(conf, relax_s=1.0)
+        ac.assign([start])
+        got = _read(ac, 60.0, N // 2)
+        assert got == list(range(N // 2, N))  # all of it, in order, nothing twice
+        widened = ac.rebuilds
+        assert widened >= 1 and ac.wait_ms > 1
+        for i in range(3):  # caught up: live messages bring it back to the configured wait
+            p.produce("long", str(N + i).encode())
+            p.flush(10)
+            got += _read(ac, 5.0, 1)
+            time.sleep(0.4)
+        assert got[-3:] == [N, N + 1, N + 2] and ac.lag() == 0
+        assert ac.rebuilds > widened  # went back to the configured wait once caught up
+        ac.close()
