@@ -510,6 +510,9 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
             out[s] = {"minutes_served": served, "minutes_degraded": degraded, "minutes_skipped": skipped,
                       "data_gap_minutes": gaps, "served_ratio": (served + degraded) / total if total else None,
                       "alerts": c.get("alerts", 0), "feature_age_s": service.feature_age_s(s),
+                      "book_invalid_minutes": c.get("book_invalid_minutes", 0),
+                      "sequence_errors": sum(service.seq_errors[s].values()),
+                      "sequence_error_reasons": dict(service.seq_errors[s]),
                       "coverage": service.coverage_of(s), "psi": psi, "psi_max": max(psi.values()) if psi else None}
         note = None
         if model is not None and not model.spec.feature_summary:

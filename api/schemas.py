@@ -275,6 +275,10 @@ class SymbolMonitoring(BaseModel):
     served_ratio: float | None = Field(description="(served + degraded) / all minutes accounted for")
     alerts: int
     feature_age_s: float | None
+    book_invalid_minutes: int = Field(0, description="live minutes whose order book was not valid at the close")
+    sequence_errors: int = Field(0, description="resync requests of the feature flow (order-book gap, crossed or "
+                                                "stale book), at most one per symbol per resync interval")
+    sequence_error_reasons: dict[str, int] = Field(default_factory=dict)
     coverage: dict[str, dict[str, float | int | None]]
     psi: dict[str, float]
     psi_max: float | None

@@ -40,7 +40,7 @@ from api.window import MINUTE_MS, MinuteObs, SymbolHistory, assemble_window
 from flows.targets import DEFAULT_FLAT_THRESHOLD
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError
-from tickcast.topics import DEAD_LETTER, FEATURES_LIVE, SIGNALS_LIVE
+from tickcast.topics import CONTROL, DEAD_LETTER, FEATURES_LIVE, SIGNALS_LIVE
 
 log = get_logger("api.loop")
 
@@ -111,6 +111,7 @@ class PredictionService:
         self.coverage: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=self.opt.coverage_window))
         self.psi: dict[str, dict[str, float]] = {}
         self.counts: dict[str, dict[str, int]] = {s: defaultdict(int) for s in self.symbols}
+        self.seq_errors: dict[str, dict[str, int]] = {s: {} for s in self.symbols}  # reason -> resync requests
         self.inference_ms: deque[float] = deque(maxlen=2000)
         self.minute_ms: deque[float] = deque(maxlen=2000)
         self.stale_logged: set[str] = set()
@@ -236,6 +237,12 @@ class PredictionService:
             self.backlog_end[p] = hi
             if hi > max(lo, start_of.get(p, 0)):
                 self._need_catchup.add(p)
+        # the feature flow's resync requests: its order-book sequence errors, counted per symbol from now
+        from confluent_kafka import OFFSET_END
+
+        control = consumer.list_topics(CONTROL, timeout=10).topics.get(CONTROL)
+        if control is not None and control.error is None:
+            starts += [TopicPartition(CONTROL, p, OFFSET_END) for p in control.partitions]
         consumer.assign(starts)
         self._last_msg = time.monotonic()
         self.consumer = consumer
@@ -302,6 +309,9 @@ class PredictionService:
         if m.error():
             self.broker_state = {**self.broker_state, "detail": str(m.error()), "ts": time.time()}
             return
+        if m.topic() == CONTROL:
+            self._on_control(m)
+            return
         part, off = m.partition(), m.offset()
         backlog = not self.caught_up.is_set() and off < self.backlog_end.get(part, 0)
         if not self.caught_up.is_set() and off >= self.backlog_end.get(part, 0) - 1:
@@ -330,6 +340,18 @@ class PredictionService:
         if cadence == "m1":
             self._on_minute(rec, backlog)
 
+    def _on_control(self, m) -> None:
+        """A resync request of the feature flow: an order-book sequence error (gap, crossed or
+        stale book) it saw for the symbol; at most one per symbol per resync interval."""
+        try:
+            name, rec = self.serde.decode_any(m.value())
+        except SerdeError:
+            return  # not ours to dead-letter: the control topic has other writers
+        sym = rec.get("symbol") if name == "ControlCommand" else None
+        if sym in self.seq_errors and rec.get("command") == "resync":
+            reasons = self.seq_errors[sym]
+            reasons[rec.get("reason") or "unknown"] = reasons.get(rec.get("reason") or "unknown", 0) + 1
+
     def _on_minute(self, rec: dict, backlog: bool) -> None:
         sym = rec["symbol"]
         minute = rec["window_end"] - MINUTE_MS
@@ -347,6 +369,8 @@ class PredictionService:
         if history:  # a minute before the live stream (rebuilt from klines): lookback only, no forecast
             self.metrics.records_in.labels("history").inc()
             return
+        if not obs.book_valid:
+            self.counts[sym]["book_invalid_minutes"] += 1
         if res.gap_minutes:
             self._record_gap(sym, res.gap_from, res.gap_minutes)
         self._join_outcomes(sym)

@@ -597,6 +597,25 @@ def test_bad_parameters_get_clear_4xx(server):
         assert needle in json.dumps(r.json()), (path, r.text)
 
 
+def test_the_feature_flows_resync_requests_are_counted_per_symbol_and_reason(server, pub):
+    before = get(server, "/monitoring").json()["symbols"][A]["sequence_errors"]
+    for reason in ("update id gap", "update id gap", "crossed book"):
+        pub.producer.produce("tickcast.control", key=A.encode(), value=pub.serde.encode(
+            "ControlCommand", {"command": "resync", "symbol": A, "reason": reason, "requester": "features-test",
+                               "requested_ts": 1}))
+    pub.producer.produce("tickcast.control", key=b"x", value=b"not avro")  # ignored, never a crash
+    pub.flush()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        mon = get(server, "/monitoring").json()["symbols"][A]
+        if mon["sequence_errors"] >= before + 3:
+            break
+        time.sleep(0.2)
+    assert mon["sequence_errors"] == before + 3
+    assert mon["sequence_error_reasons"]["update id gap"] >= 2 and mon["sequence_error_reasons"]["crossed book"] >= 1
+    assert get(server, "/monitoring").json()["symbols"][B]["sequence_errors"] == 0
+
+
 def test_backtest_pnl_monitoring_health_and_model(server):
     # symbol A has the hot-swap test's 40 minutes (or at least the first test's): enough history
     bt = get(server, "/backtest", symbol=A, candles=20).json()

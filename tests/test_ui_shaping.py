@@ -294,7 +294,9 @@ def test_monitoring_psi_and_health_rows():
            "symbols": {"ETHUSDT": {"minutes_served": 10, "minutes_degraded": 1, "minutes_skipped": 2,
                                    "data_gap_minutes": 1, "served_ratio": 11 / 14, "alerts": 2, "feature_age_s": 3.0,
                                    "coverage": {"close": {"n": 10, "inside": 8, "coverage": 0.8}},
-                                   "psi": {"a": 0.05, "b": 0.3, "c": 0.15}, "psi_max": 0.3},
+                                   "psi": {"a": 0.05, "b": 0.3, "c": 0.15}, "psi_max": 0.3,
+                                   "sequence_errors": 3, "sequence_error_reasons": {"update id gap": 2, "crossed": 1},
+                                   "book_invalid_minutes": 2},
                        "BTCUSDT": {"minutes_served": 0, "minutes_degraded": 0, "minutes_skipped": 0,
                                    "data_gap_minutes": 0, "served_ratio": None, "alerts": 0, "feature_age_s": None,
                                    "coverage": {}, "psi": {}, "psi_max": None}}}
@@ -303,6 +305,9 @@ def test_monitoring_psi_and_health_rows():
     assert [r["symbol"] for r in rows] == ["BTCUSDT", "ETHUSDT"]
     assert rows[1]["gaps"] == 1 and rows[1]["coverage"] == 0.8 and rows[1]["book_valid"] is False
     assert rows[0]["served_ratio"] is None and rows[0]["book_valid"] is None
+    assert (rows[1]["seq_errors"], rows[1]["seq_reasons"], rows[1]["book_invalid_minutes"]) == \
+        (3, "crossed 1, update id gap 2", 2)
+    assert (rows[0]["seq_errors"], rows[0]["seq_reasons"]) == (0, "")
     psi = S.psi_rows(mon, top=2)
     assert [(r["feature"], r["level"]) for r in psi] == [("b", "shifted"), ("c", "moderate")]
     health = {"status": "degraded", "components": {

@@ -577,15 +577,19 @@ class Dashboard:
         if rows:
             _html(self.mon_symbols, "<b style='font-family:sans-serif'>Per symbol (since the API started)</b>" +
                   R.table(["symbol", "served", "degraded", "skipped", "data gaps (min)", "served %", "alerts",
-                           "close coverage", "PSI max", "feature age", "book"],
+                           "close coverage", "PSI max", "feature age", "book", "sequence errors",
+                           "invalid-book min"],
                           [(r["symbol"], r["served"], r["degraded"], r["skipped"], r["gaps"],
                             S.fmt_num(r["served_ratio"], 2, pct=True), r["alerts"],
                             f"{S.fmt_num(r['coverage'], 1, pct=True)} (n={r['coverage_n']})",
                             S.fmt_num(r["psi_max"], 3), S.fmt_age(r["feature_age_s"]),
-                            "n/a" if r["book_valid"] is None else ("valid" if r["book_valid"] else "INVALID"))
+                            "n/a" if r["book_valid"] is None else ("valid" if r["book_valid"] else "INVALID"),
+                            f"{r['seq_errors']}" + (f" ({r['seq_reasons']})" if r["seq_reasons"] else ""),
+                            r["book_invalid_minutes"])
                            for r in rows], "mon-symbols")
-                  + R.note("Sequence errors and book resyncs are counted by the gateway and the feature flow "
-                           "(their Prometheus metrics); the API does not serve them per symbol."))
+                  + R.note("Sequence errors: the feature flow's order-book resync requests (gap, crossed or stale "
+                           "book; at most one per symbol per resync interval). Exact per-event counts (gaps, "
+                           "repeats, late events) are the gateway's and the flow's Prometheus metrics."))
         else:
             _html(self.mon_symbols, R.empty(f"No monitoring data: {v.error}" if v.error else "Loading monitoring...",
                                             "mon-empty"))

@@ -714,7 +714,8 @@ def latency_rows(measured: Mapping[str, Sequence[float]], api_latency: Mapping[s
 
 def monitoring_rows(mon: Mapping[str, Any] | None, vectors: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
     """Per symbol: minutes served / degraded / skipped, data gaps, served %, alerts, coverage, PSI max,
-    feature age, and from the latest m1 vector whether the order book was valid."""
+    feature age, sequence errors (the feature flow's resync requests, by reason) and minutes with an
+    invalid book, and from the latest m1 vector whether the order book is valid now."""
     out = []
     syms = (mon or {}).get("symbols") or {}
     for sym in sorted(syms):
@@ -727,7 +728,11 @@ def monitoring_rows(mon: Mapping[str, Any] | None, vectors: Mapping[str, Mapping
                     "served_ratio": num(s.get("served_ratio")), "alerts": s.get("alerts", 0),
                     "coverage": num(cov.get("coverage")), "coverage_n": cov.get("n") or 0,
                     "psi_max": num(s.get("psi_max")), "feature_age_s": num(s.get("feature_age_s")),
-                    "book_valid": None if book is None else bool(book)})
+                    "book_valid": None if book is None else bool(book),
+                    "seq_errors": s.get("sequence_errors", 0),
+                    "seq_reasons": ", ".join(f"{k} {v}" for k, v in sorted((s.get("sequence_error_reasons") or {})
+                                                                         .items())),
+                    "book_invalid_minutes": s.get("book_invalid_minutes", 0)})
     return out
 
 
