@@ -15,10 +15,11 @@ frontier is the earliest exchange time that some topic may still deliver (its qu
 time read from a topic that has more to read). Live, every topic is caught up and messages pass
 straight through; in a backlog, topics advance together. A topic whose queue is full is paused.
 The cached high watermarks behind "more to read" lag after a reconnect (a broker partition heals, one
-topic's backlog is fetched before the others'), so each time the hand-over is about to pass another
-``confirm_jump_ms`` of exchange time, the topics with nothing queued are confirmed with a broker
-round trip: otherwise seconds of book deltas would pass ahead of the trades and tickers sent between
-them, and the engine would declare those late.
+topic's backlog is fetched before the others'), so while the source hands over a backlog (messages
+the gateway received more than ``confirm_jump_ms`` ago), each further ``confirm_jump_ms`` of exchange
+time is handed over only after the topics with nothing queued are confirmed with a broker round
+trip: otherwise seconds of book deltas would pass ahead of the trades and tickers sent between them,
+and the engine would declare those late. At the live pace there is no round trip.
 The resume state counts only messages handed over, so queued ones are read again after a restart.
 
 ``KafkaRecordSink`` encodes records with the serde and produces them keyed by symbol.
@@ -71,6 +72,7 @@ class _RawPartition(StatefulSourcePartition):
         self.read_to: dict[str, int] = {}  # next offset to read per topic
         self.paused: set[str] = set()
         self.confirm_jump_ms = confirm_jump_ms
+        self.now_us = lambda: time.time_ns() // 1000  # wall clock, as the gateway's recv_ts
         self.confirmed_to: float = float("-inf")  # the hand-over limit at the last confirmation
         self.confirmed: dict[str, int] = {}  # topic -> high watermark from the last round trip
 
@@ -98,6 +100,16 @@ class _RawPartition(StatefulSourcePartition):
                 log.warning("watermark query failed", extra={"topic": topic, "error": str(exc)})
                 failed.add(topic)
         return failed
+
+    def _backlog(self) -> bool:
+        """Some queued message was received by the gateway more than ``confirm_jump_ms`` ago."""
+        old = self.now_us() - self.confirm_jump_ms * 1000
+        for q in self.queues.values():
+            if q:
+                recv = q[0][3].get("recv_ts")
+                if recv is None or recv < old:
+                    return True
+        return False
 
     def _read(self) -> None:
         msgs = self.consumer.consume(self.batch_size, 0)
@@ -145,7 +157,7 @@ class _RawPartition(StatefulSourcePartition):
     def next_batch(self):
         self._read()
         limit = self._frontier() + self.slack
-        if limit != float("inf") and limit > self.confirmed_to + self.confirm_jump_ms:
+        if limit != float("inf") and limit > self.confirmed_to + self.confirm_jump_ms and self._backlog():
             failed = self._confirm_idle_topics()
             limit = self._frontier(failed) + self.slack
             if not failed:  # else the next batch asks again

@@ -69,13 +69,19 @@ class _Consumer:
         pass
 
 
-def _rec(name: str, ts: int, seq: int) -> dict:
-    return {"_name": name, "symbol": "BTCUSDT", "exchange_ts": ts, "gw_seq": seq}
+NOW_US = 1_800_000_000_000_000  # the tests' wall clock (µs)
+
+
+def _rec(name: str, ts: int, seq: int, recv_age_ms: int = 30_000) -> dict:
+    """A record received by the gateway ``recv_age_ms`` before NOW_US (default: a backlog)."""
+    return {"_name": name, "symbol": "BTCUSDT", "exchange_ts": ts, "gw_seq": seq,
+            "recv_ts": NOW_US - recv_age_ms * 1000}
 
 
 def _source() -> tuple[_RawPartition, _Consumer]:
     part = _RawPartition("127.0.0.1:1", (BOOK, TRADE), 0, None, 100, _JsonSerde(), False, 1_000, 50_000, 1_000)
     part.consumer.close()
+    part.now_us = lambda: NOW_US
     fake = _Consumer()
     part.consumer = fake
     return part, fake
@@ -117,10 +123,21 @@ def test_a_stale_watermark_after_a_partition_does_not_let_the_book_backlog_pass_
     assert len(before) + len(after) == 63 and part.snapshot() == {BOOK: 61, TRADE: 4}
 
 
-def test_live_flow_confirms_once_per_second_of_exchange_time_not_per_batch():
+def test_at_the_live_pace_there_is_no_round_trip():
     part, c = _source()
     t0 = 5_000_000
-    for i in range(50):  # 5 s of live deltas, 10 per batch of 100 ms; the trade topic idle
+    for i in range(50):  # 5 s of live deltas, each just received; the trade topic idle
+        c.script.append([_Msg(BOOK, i, _rec("OrderBookDelta", t0 + 100 * i, i, recv_age_ms=3))])
+    for i in range(50):
+        c.high[BOOK] = c.cached[BOOK] = i + 1
+        assert _handed(part.next_batch()) == [("OrderBookDelta", t0 + 100 * i)]
+    assert c.round_trips == 0
+
+
+def test_a_backlog_confirms_once_per_second_of_exchange_time_not_per_batch():
+    part, c = _source()
+    t0 = 5_000_000
+    for i in range(50):  # 5 s of deltas received long ago (a restart's catch-up); the trade topic idle
         c.script.append([_Msg(BOOK, i, _rec("OrderBookDelta", t0 + 100 * i, i))])
     for i in range(50):
         c.high[BOOK] = c.cached[BOOK] = i + 1
