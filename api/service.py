@@ -216,9 +216,11 @@ class PredictionService:
 
             self.serde = default_serde()
         self.producer = Producer(producer_config(bootstrap, error_cb=self._error))
+        # 50 ms: forecasts are per minute and the dashboard polls; every fetch costs the embedded
+        # broker a listing of the partition, so a consumer off the latency path fetches less often
         consumer = AdaptiveConsumer(consumer_config(bootstrap, f"tickcast-api-{int(time.time())}",
-                                            **{"statistics.interval.ms": 5000, "stats_cb": self._stats,
-                                               "error_cb": self._error}))
+                                                    **{"statistics.interval.ms": 5000, "stats_cb": self._stats,
+                                                       "error_cb": self._error, "fetch.wait.max.ms": 50}))
         md = consumer.list_topics(FEATURES_LIVE, timeout=10)
         topic = md.topics.get(FEATURES_LIVE)
         if topic is None or topic.error is not None or not topic.partitions:

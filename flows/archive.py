@@ -146,7 +146,7 @@ class _KafkaIndexPartition(StatefulSourcePartition[RawMessage, None]):
 
         self._cfg = cfg
         self._consumer = AdaptiveConsumer(consumer_config(cfg.bootstrap, "tickcast-archive", low_latency=False,
-                                                  **{"fetch.wait.max.ms": 20}))
+                                                  **{"fetch.wait.max.ms": 250}))
         starts = start_offsets(cfg.lake, cfg.topics, tps)
         self._consumer.assign([TopicPartition(t, p, o) for (t, p), o in starts.items()])
         self._awake: datetime | None = None

@@ -185,7 +185,7 @@ class FeatureWatch(threading.Thread):
         from tickcast.topics import FEATURES_LIVE
 
         serde = Serde()
-        c = Consumer(consumer_config(self.bootstrap, "tickcast-soak-watch"))
+        c = Consumer(consumer_config(self.bootstrap, "tickcast-soak-watch", low_latency=False))
         while not self.stop_event.is_set():
             try:
                 assign_all(c, [FEATURES_LIVE])
