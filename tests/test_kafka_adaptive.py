@@ -58,3 +58,23 @@ def test_a_starved_consumer_widens_its_fetch_wait_reads_everything_once_and_narr
         assert got[-3:] == [N, N + 1, N + 2] and ac.lag() == 0
         assert ac.rebuilds > widened  # went back to the configured wait once caught up
         ac.close()
+
+
+def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_still_runs():
+    import json
+
+    seen = []
+    ac = AdaptiveConsumer(consumer_config("127.0.0.1:1", "rtt", stats_cb=seen.append), max_wait_ms=1_000)
+    ac.assign([TopicPartition("t", 0, 0)])
+    stats = {"brokers": {"127.0.0.1:1/1": {"nodeid": 1, "rtt": {"avg": 40_000, "cnt": 12}},
+                         "GroupCoordinator": {"nodeid": -1, "rtt": {"avg": 900_000, "cnt": 1}}}}
+    ac._on_stats(json.dumps(stats), seen.append)
+    assert ac.rtt_ms == 40.0 and len(seen) == 1  # the coordinator's entry is not a fetch path
+    ac._adapt(time.monotonic(), True)
+    assert ac.wait_ms == 320 and ac.rebuilds == 1  # 8 x the 40 ms round trip
+    ac._on_stats(json.dumps({"brokers": {"b": {"nodeid": 1, "rtt": {"avg": 900_000, "cnt": 3}}}}), None)
+    ac._adapt(time.monotonic(), True)
+    assert ac.wait_ms == 1_000  # capped
+    ac._on_stats("not json", None)
+    assert ac.rtt_ms is None
+    ac.close()
