@@ -165,35 +165,36 @@ class AdaptiveConsumer:
         rtt = self.rtt_ms
         if rtt is not None and rtt > 2 * self.wait_ms and self.wait_ms < self.max_wait_ms:
             # the broker's work per fetch outgrew the wait: fetch less often
-            self._widen(now, int(min(self.max_wait_ms, max(self.wait_ms * 2, rtt * self.rtt_factor))))
+            self._widen(now, int(min(self.max_wait_ms, max(self.wait_ms * 2, rtt * self.rtt_factor))),
+                        f"the broker's round trip ({rtt:.0f} ms) outgrew the wait")
         elif not got:
             if self.wait_ms < self.max_wait_ms and now - self._last_data >= self.starve_s and self.lag():
-                self._widen(now, min(self.max_wait_ms, self.wait_ms * 4))
+                self._widen(now, min(self.max_wait_ms, self.wait_ms * 4),
+                            "the broker answered empty while messages were waiting")
         elif self.wait_ms != self.base_wait:
             lag = self.lag()
             if lag is not None and lag < self.caught_up_lag:
                 self._caught_up_since = self._caught_up_since or now
                 if now - self._caught_up_since >= self.relax_s:
                     self._relaxed_at = now
-                    self._rebuild(self.base_wait)
+                    self._rebuild(self.base_wait, "caught up")
             else:
                 self._caught_up_since = None
 
-    def _widen(self, now: float, wait_ms: int) -> None:
+    def _widen(self, now: float, wait_ms: int, why: str) -> None:
         if now - self._relaxed_at < 60.0:
             self.relax_s = min(600.0, self.relax_s * 2)
         self.rtt_ms = None  # measured at the old wait
-        self._rebuild(wait_ms)
+        self._rebuild(wait_ms, why)
 
-    def _rebuild(self, wait_ms: int) -> None:
+    def _rebuild(self, wait_ms: int, why: str) -> None:
         from confluent_kafka import TopicPartition
 
         from tickcast.logs import get_logger
 
-        get_logger("kafka").warning(
-            "fetch wait changed (the broker answered empty while messages were waiting)" if wait_ms > self.wait_ms
-            else "fetch wait back to its configured value (caught up)",
-            extra={"group": self.conf.get("group.id"), "fetch_wait_ms": wait_ms, "was_ms": self.wait_ms})
+        get_logger("kafka").warning(f"fetch wait changed: {why}", extra={
+            "group": self.conf.get("group.id"), "fetch_wait_ms": wait_ms, "was_ms": self.wait_ms,
+            "relax_s": self.relax_s})
         self._c.close()
         self.wait_ms = wait_ms
         self._c = self._make({**self.conf, "fetch.wait.max.ms": wait_ms})
