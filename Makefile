@@ -37,7 +37,7 @@ browser:
 	  else echo "chromium missing and not root: browser tests will be skipped"; fi; fi
 
 soak: install
-	$(BIN)/tickcast soak --minutes $(MINUTES)
+	$(BIN)/tickcast soak --minutes $(MINUTES) $(if $(DEPTH),--depth $(DEPTH))
 
 bench: install
 	$(BIN)/tickcast bench

@@ -75,13 +75,15 @@ def soak(minutes: float = typer.Option(..., help="minutes of fault injection"),
          train_days: float = typer.Option(2.0, help="days of the exchange's REST history to train on"),
          drain_s: float = typer.Option(75.0, help="seconds without faults before the audit"),
          cut_s: float = typer.Option(5.0, help="broker partition length (TCP proxy cut)"),
-         seed: int = typer.Option(7, help="the exchange model's seed")) -> None:
+         seed: int = typer.Option(7, help="the exchange model's seed"),
+         depth: int = typer.Option(None, help="order-book depth (default: TICKCAST_ORDERBOOK_DEPTH); Bybit "
+                                              "pushes depth 50 every 20 ms, depth 200 every 100 ms")) -> None:
     """The whole stack under a fault every N s, then lost/duplicated, parity and served-minutes audit."""
     from tickcast.soak import SoakConfig, passed, run_soak
 
     cfg = SoakConfig(minutes, fault_every_s, [x.strip().upper() for x in symbols.split(",")] if symbols else None,
                      keep, seed=seed, history_days=max(3.0, train_days + 1), train_days=train_days,
-                     train_budget_s=train_budget_s, drain_s=drain_s, cut_s=cut_s)
+                     train_budget_s=train_budget_s, drain_s=drain_s, cut_s=cut_s, depth=depth)
     raise typer.Exit(0 if passed(run_soak(cfg)) else 1)
 
 

@@ -88,6 +88,7 @@ class SoakConfig:
     symbols: list[str] | None = None  # default: TICKCAST_SYMBOLS
     keep: Path | None = None  # run dir to keep (data, logs, report); None: a temporary one
     seed: int = 7  # the exchange model's seed
+    depth: int | None = None  # order-book depth subscribed (Bybit pushes .50 every 20 ms, .200 every 100 ms)
     history_days: float = 3.0  # the exchange's 1-minute REST history
     train_days: float = 2.0  # of which the champion trains on
     train_budget_s: float = 150.0
@@ -306,6 +307,8 @@ class Soak:
             # Bytewax's dataflow API caches the rendered flow in this *directory* (dataflow.json)
             "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(self.run_dir / "bytewax"),
         }
+        if self.cfg.depth:
+            self.env["TICKCAST_ORDERBOOK_DEPTH"] = str(self.cfg.depth)
         (self.run_dir / "bytewax").mkdir(exist_ok=True)
         (self.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
         self.settings = Settings(
@@ -313,7 +316,8 @@ class Soak:
             mlflow_tracking_uri=self.env["MLFLOW_TRACKING_URI"], symbols=self.symbols,
             gateway_local_url=self.exchange_url, news_local_url=self.env["TICKCAST_NEWS_LOCAL_URL"],
             api_host="127.0.0.1", api_port=ports["api"], ui_port=ports["ui"],
-            gateway_metrics_port=ports["gw_metrics"], features_metrics_port=ports["features_metrics"])
+            gateway_metrics_port=ports["gw_metrics"], features_metrics_port=ports["features_metrics"],
+            **({"orderbook_depth": self.cfg.depth} if self.cfg.depth else {}))
         self.sup = stack.Supervisor([], self.log_dir, self.data_dir / "stack" / "status.json")
         (self.data_dir / "stack").mkdir(parents=True, exist_ok=True)
         self.sup.extra_status = {"kafka": bootstrap, "source": "local (soak)", "embedded_broker": True}
@@ -918,7 +922,7 @@ def report_text(soak: Soak, eo: ExactlyOnce, par: Parity, served: Served) -> str
     L.append(f"run      {utc(soak.faults_from)} .. {utc(soak.faults_to)}: {cfg.minutes:g} min, a fault every "
              f"{cfg.fault_every_s:g} s, symbols {','.join(soak.symbols)}")
     L.append(f"stack    tansu (memory storage) behind a cuttable TCP proxy; local exchange model seed {cfg.seed} at "
-             f"speed 1; gateway, raw archive, feature flow (recovery), API with champion v{soak.champion} "
+             f"speed 1 (Bybit's cadence), order book depth {soak.settings.orderbook_depth}; gateway, raw archive, feature flow (recovery), API with champion v{soak.champion} "
              f"(trained in {soak.timings.get('champion_s', 0):.0f} s on {cfg.train_days:g} days of the exchange's "
              f"REST history), dashboard; up in {soak.timings.get('startup_s', 0):.0f} s")
     L.append(f"run dir  {soak.run_dir if soak.temp is None else str(soak.report_dir) + ' (data removed)'}; "
