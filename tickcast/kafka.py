@@ -184,7 +184,6 @@ class AdaptiveConsumer:
     def _widen(self, now: float, wait_ms: int, why: str) -> None:
         if now - self._relaxed_at < 60.0:
             self.relax_s = min(600.0, self.relax_s * 2)
-        self.rtt_ms = None  # measured at the old wait
         self._rebuild(wait_ms, why)
 
     def _rebuild(self, wait_ms: int, why: str) -> None:
@@ -196,6 +195,7 @@ class AdaptiveConsumer:
             "group": self.conf.get("group.id"), "fetch_wait_ms": wait_ms, "was_ms": self.wait_ms,
             "relax_s": self.relax_s})
         self._c.close()
+        self.rtt_ms = None  # measured at the old wait
         self.wait_ms = wait_ms
         self._c = self._make({**self.conf, "fetch.wait.max.ms": wait_ms})
         positions = [TopicPartition(t, p, self._next.get((t, p), o)) for (t, p), o in self._start.items()]
