@@ -66,6 +66,7 @@ def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_s
     seen = []
     ac = AdaptiveConsumer(consumer_config("127.0.0.1:1", "rtt", stats_cb=seen.append), max_wait_ms=1_000)
     ac.assign([TopicPartition("t", 0, 0)])
+    ac.lag = lambda: 3  # at the tail (no broker here to ask)
     stats = {"brokers": {"127.0.0.1:1/1": {"nodeid": 1, "rtt": {"avg": 40_000, "cnt": 12}},
                          "GroupCoordinator": {"nodeid": -1, "rtt": {"avg": 900_000, "cnt": 1}}}}
     ac._on_stats(json.dumps(stats), seen.append)
@@ -77,4 +78,11 @@ def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_s
     assert ac.wait_ms == 1_000  # capped
     ac._on_stats("not json", None)
     assert ac.rtt_ms is None
+    ac2 = AdaptiveConsumer(consumer_config("127.0.0.1:1", "rtt2"))
+    ac2.assign([TopicPartition("t", 0, 0)])
+    ac2.lag = lambda: 50_000  # far behind: a long round trip is a big answer, keep fetching fast
+    ac2._on_stats(json.dumps(stats), None)
+    ac2._adapt(time.monotonic(), True)
+    assert ac2.wait_ms == ac2.base_wait and ac2.rebuilds == 0
     ac.close()
+    ac2.close()

@@ -64,9 +64,9 @@ class AdaptiveConsumer:
     fetch's max wait. The listing grows with the partition, so at a fixed short wait a long-running
     stack spends ever more broker CPU per fetch until consumers starve (a flow restarted after a
     kill -9 never caught up). Two signals widen the wait, rebuilding the consumer at its next
-    position: the broker's average round trip (librdkafka statistics, every second) above twice the
-    wait sets the wait to ``rtt_factor`` x the round trip, so listings take a bounded share of the
-    broker; and no message for ``starve_s`` while messages wait below the high watermark multiplies
+    position: near the tail, the broker's average round trip (librdkafka statistics, every second)
+    above twice the wait sets the wait to ``rtt_factor`` x the round trip, so listings take a bounded
+    share of the broker; and no message for ``starve_s`` while messages wait below the high watermark multiplies
     it by 4. Both stop at ``max_wait_ms``. After ``relax_s`` caught up (less than ``caught_up_lag``
     behind) it returns to the configured wait; widening again soon after doubles ``relax_s`` (the
     partition has outgrown the short wait: stop flapping). On Kafka or Redpanda neither signal fires
@@ -163,8 +163,9 @@ class AdaptiveConsumer:
 
     def _adapt(self, now: float, got: bool) -> None:
         rtt = self.rtt_ms
-        if rtt is not None and rtt > 2 * self.wait_ms and self.wait_ms < self.max_wait_ms:
-            # the broker's work per fetch outgrew the wait: fetch less often
+        if rtt is not None and rtt > 2 * self.wait_ms and self.wait_ms < self.max_wait_ms and self._near_tail():
+            # at the tail, the broker's work per fetch outgrew the wait: fetch less often (behind,
+            # a long round trip is a big answer, and the consumer should fetch as fast as it can)
             self._widen(now, int(min(self.max_wait_ms, max(self.wait_ms * 2, rtt * self.rtt_factor))),
                         f"the broker's round trip ({rtt:.0f} ms) outgrew the wait")
         elif not got:
@@ -172,14 +173,17 @@ class AdaptiveConsumer:
                 self._widen(now, min(self.max_wait_ms, self.wait_ms * 4),
                             "the broker answered empty while messages were waiting")
         elif self.wait_ms != self.base_wait:
-            lag = self.lag()
-            if lag is not None and lag < self.caught_up_lag:
+            if self._near_tail():
                 self._caught_up_since = self._caught_up_since or now
                 if now - self._caught_up_since >= self.relax_s:
                     self._relaxed_at = now
                     self._rebuild(self.base_wait, "caught up")
             else:
                 self._caught_up_since = None
+
+    def _near_tail(self) -> bool:
+        lag = self.lag()
+        return lag is not None and lag < self.caught_up_lag
 
     def _widen(self, now: float, wait_ms: int, why: str) -> None:
         if now - self._relaxed_at < 60.0:
