@@ -41,7 +41,7 @@ class EngineConfig:
     book_stale_ms: int = 30_000  # no book update for this long at a window end: book features null
     resync_interval_ms: int = 5_000  # at most one resync request per symbol per interval (event time)
     seq_hold_events: int = 5_000  # a gw_seq hole is declared when this many later events wait ...
-    seq_hold_ms: int = 5_000  # ... or when they span this much event time
+    seq_hold_ms: int = 5_000  # ... or when they span this much event time (features.yaml: 20 s)
     max_empty_ms: int = 3_600_000  # a longer silence restarts the windows instead of filling them
     tile_history_s: int = 301  # closed 1-second tiles kept (longest tile window + 1)
 

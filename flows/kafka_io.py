@@ -14,12 +14,13 @@ what it reads per topic and hands over only messages up to the *frontier* + ``al
 frontier is the earliest exchange time that some topic may still deliver (its queue head, or the last
 time read from a topic that has more to read). Live, every topic is caught up and messages pass
 straight through; in a backlog, topics advance together. A topic whose queue is full is paused.
-The cached high watermarks behind "more to read" lag after a reconnect (a broker partition heals, one
-topic's backlog is fetched before the others'), so while the source hands over a backlog (messages
-the gateway received more than ``confirm_jump_ms`` ago), each further ``confirm_jump_ms`` of exchange
-time is handed over only after the topics with nothing queued are confirmed with a broker round
-trip: otherwise seconds of book deltas would pass ahead of the trades and tickers sent between them,
-and the engine would declare those late. At the live pace there is no round trip.
+The cached high watermarks behind "more to read" can lag after a reconnect (a broker partition heals,
+one topic's backlog is fetched before the others'), so while the source hands over a backlog
+(messages the gateway received more than a second ago), each further ``confirm_jump_ms`` (10 s) of
+exchange time is handed over only after the topics with nothing queued are confirmed with a broker
+round trip (~6.5 ms per topic on tansu: rare enough not to slow a catch-up). Shorter skews, and a
+producer whose retries land one topic seconds after another, are the engine's gw_seq hold's
+(20 s of event time, the registry's ``engine:`` block). At the live pace there is no round trip.
 The resume state counts only messages handed over, so queued ones are read again after a restart.
 
 ``KafkaRecordSink`` encodes records with the serde and produces them keyed by symbol.
@@ -53,7 +54,7 @@ class _RawPartition(StatefulSourcePartition):
 
     def __init__(self, bootstrap: str, topics: tuple[str, ...], index: int, resume: dict | None,
                  batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int,
-                 confirm_jump_ms: int = 1_000):
+                 confirm_jump_ms: int = 10_000):
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
         self.serde = serde
@@ -102,8 +103,8 @@ class _RawPartition(StatefulSourcePartition):
         return failed
 
     def _backlog(self) -> bool:
-        """Some queued message was received by the gateway more than ``confirm_jump_ms`` ago."""
-        old = self.now_us() - self.confirm_jump_ms * 1000
+        """Some queued message was received by the gateway more than a second ago."""
+        old = self.now_us() - 1_000_000
         for q in self.queues.values():
             if q:
                 recv = q[0][3].get("recv_ts")
@@ -195,7 +196,7 @@ class _RawPartition(StatefulSourcePartition):
 class RawKafkaSource(FixedPartitionedSource):
     def __init__(self, bootstrap: str, topics: tuple[str, ...] = FEATURE_INPUT_TOPICS, *,
                  batch_size: int = 2_000, from_end: bool = False, serde: Serde | None = None,
-                 align_slack_ms: int = 1_000, max_queue: int = 50_000, confirm_jump_ms: int = 1_000):
+                 align_slack_ms: int = 1_000, max_queue: int = 50_000, confirm_jump_ms: int = 10_000):
         self.bootstrap = bootstrap
         self.confirm_jump_ms = confirm_jump_ms
         self.align_slack_ms = align_slack_ms

@@ -263,7 +263,7 @@ def test_registry_reload_switches_hash(tmp_path):
     small.write_text("features:\n  - {name: mid_price, kind: mid, inputs: [book]}\n")
     reg = load_registry(small)
     eng.reload(reg)
-    out = eng.process(SynthStream(seed=2).run(6)[len(s.out):])
+    out = eng.process(SynthStream(seed=2).run(26)[len(s.out):])  # past the 20 s gw_seq hold
     vec = features(out)
     assert vec and all(r["registry_hash"] == reg.hash and set(r["values"]) == {"mid_price"} for r in vec)
 
