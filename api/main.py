@@ -195,6 +195,9 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         return s
 
     SymbolQ = Annotated[str, Query(min_length=1, max_length=40, description="e.g. BTCUSDT (case-insensitive)")]
+    FromQ = Annotated[str | None, Query(alias="from", max_length=40,
+                                        description="epoch ms or ISO 8601; default: to - 24 h")]
+    ToQ = Annotated[str | None, Query(max_length=40, description="epoch ms or ISO 8601; default: the latest minute")]
 
     def latest_origin(sym: str) -> int:
         lp = service.latest_prediction.get(sym)
@@ -258,10 +261,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     @app.get("/candles", response_model=S.CandlesOut, responses={404: ERRORS[404]}, tags=["features"])
     def candles(
             symbol: SymbolQ,
-            frm: Annotated[str | None, Query(alias="from", max_length=40,
-                                             description="epoch ms or ISO 8601; default: to - 24 h")] = None,
-            to: Annotated[str | None, Query(max_length=40, description="epoch ms or ISO 8601; default: the "
-                                                                         "latest minute")] = None,
+            frm: FromQ = None,
+            to: ToQ = None,
             limit: Annotated[int, Query(ge=1, le=10_000)] = 1440,
     ) -> dict:
         """1-minute OHLCV of ``symbol`` as the API received them on features.live (m1 vectors), with
@@ -280,10 +281,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
              tags=["predictions"])
     def predictions_history(
             symbol: SymbolQ,
-            frm: Annotated[str | None, Query(alias="from", max_length=40,
-                                             description="epoch ms or ISO 8601; default: to - 24 h")] = None,
-            to: Annotated[str | None, Query(max_length=40, description="epoch ms or ISO 8601; default: the "
-                                                                         "latest minute")] = None,
+            frm: FromQ = None,
+            to: ToQ = None,
             limit: Annotated[int, Query(ge=1, le=10_000)] = 1440,
             paths: Annotated[bool, Query(description="include the full [step][quantile] close path")] = False,
     ) -> dict:
