@@ -111,7 +111,7 @@ class PredictionService:
         self.coverage: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=self.opt.coverage_window))
         self.psi: dict[str, dict[str, float]] = {}
         self.counts: dict[str, dict[str, int]] = {s: defaultdict(int) for s in self.symbols}
-        self.seq_errors: dict[str, dict[str, int]] = {s: {} for s in self.symbols}  # reason -> resync requests
+        self.seq_errors: dict[str, dict[str, int]] = {s: defaultdict(int) for s in self.symbols}  # reason -> n
         self.inference_ms: deque[float] = deque(maxlen=2000)
         self.minute_ms: deque[float] = deque(maxlen=2000)
         self.stale_logged: set[str] = set()
@@ -351,8 +351,7 @@ class PredictionService:
             return  # not ours to dead-letter: the control topic has other writers
         sym = rec.get("symbol") if name == "ControlCommand" else None
         if sym in self.seq_errors and rec.get("command") == "resync":
-            reasons = self.seq_errors[sym]
-            reasons[rec.get("reason") or "unknown"] = reasons.get(rec.get("reason") or "unknown", 0) + 1
+            self.seq_errors[sym][rec.get("reason") or "unknown"] += 1
 
     def _on_minute(self, rec: dict, backlog: bool) -> None:
         sym = rec["symbol"]

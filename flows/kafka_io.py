@@ -54,7 +54,7 @@ class _RawPartition(StatefulSourcePartition):
 
     def __init__(self, bootstrap: str, topics: tuple[str, ...], index: int, resume: dict | None,
                  batch_size: int, serde: Serde, from_end: bool, align_slack_ms: int, max_queue: int,
-                 confirm_jump_ms: int = 10_000):
+                 confirm_jump_ms: int):
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
         self.serde = serde

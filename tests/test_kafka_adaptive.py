@@ -73,6 +73,10 @@ def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_s
     assert ac.rtt_ms == 40.0 and len(seen) == 1  # the coordinator's entry is not a fetch path
     ac._adapt(time.monotonic(), True)
     assert ac.wait_ms == 320 and ac.rebuilds == 1  # 8 x the 40 ms round trip
+    ac._on_stats(json.dumps(stats), None)
+    ac._adapt(time.monotonic(), True)
+    ac._adapt(time.monotonic(), True)
+    assert ac.rebuilds == 1  # 40 ms is within 2 x 320 ms; one look per sample either way
     ac._on_stats(json.dumps({"brokers": {"b": {"nodeid": 1, "rtt": {"avg": 900_000, "cnt": 3}}}}), None)
     ac._adapt(time.monotonic(), True)
     assert ac.wait_ms == 1_000  # capped

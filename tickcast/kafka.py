@@ -1,6 +1,7 @@
 """Kafka client settings used by every component, so partitioning and latency are set in one place."""
 from __future__ import annotations
 
+import json
 import time
 
 
@@ -86,6 +87,7 @@ class AdaptiveConsumer:
         self.starve_s, self.relax_s, self.caught_up_lag = starve_s, relax_s, caught_up_lag
         self.rtt_factor = rtt_factor
         self.rtt_ms: float | None = None  # the broker's average round trip over the last statistics
+        self._rtt_new = False  # a sample not yet acted on (the check costs a watermark lookup per partition)
         self._relaxed_at = float("-inf")
         self._c = Consumer(self.conf)
         self._start: dict[tuple[str, int], int] = {}  # assigned offset (may be logical) per partition
@@ -96,14 +98,13 @@ class AdaptiveConsumer:
         self.rebuilds = 0
 
     def _on_stats(self, raw: str, user_cb) -> None:
-        import json
-
         try:
             brokers = json.loads(raw).get("brokers", {}).values()
             rtts = [b["rtt"]["avg"] for b in brokers if b.get("nodeid", -1) >= 0 and b.get("rtt", {}).get("cnt")]
             self.rtt_ms = max(rtts) / 1000.0 if rtts else None
         except (ValueError, KeyError, TypeError, AttributeError):
             self.rtt_ms = None
+        self._rtt_new = self.rtt_ms is not None
         if user_cb is not None:
             user_cb(raw)
 
@@ -162,8 +163,9 @@ class AdaptiveConsumer:
         return total
 
     def _adapt(self, now: float, got: bool) -> None:
-        rtt = self.rtt_ms
-        if rtt is not None and rtt > 2 * self.wait_ms and self.wait_ms < self.max_wait_ms and self._near_tail():
+        rtt, fresh = self.rtt_ms, self._rtt_new
+        self._rtt_new = False  # once per statistics sample: consume() runs in tight loops
+        if fresh and rtt > 2 * self.wait_ms and self.wait_ms < self.max_wait_ms and self._near_tail():
             # at the tail, the broker's work per fetch outgrew the wait: fetch less often (behind,
             # a long round trip is a big answer, and the consumer should fetch as fast as it can)
             self._widen(now, int(min(self.max_wait_ms, max(self.wait_ms * 2, rtt * self.rtt_factor))),
@@ -199,7 +201,7 @@ class AdaptiveConsumer:
             "group": self.conf.get("group.id"), "fetch_wait_ms": wait_ms, "was_ms": self.wait_ms,
             "relax_s": self.relax_s})
         self._c.close()
-        self.rtt_ms = None  # measured at the old wait
+        self.rtt_ms, self._rtt_new = None, False  # measured at the old wait
         self.wait_ms = wait_ms
         self._c = self._make({**self.conf, "fetch.wait.max.ms": wait_ms})
         positions = [TopicPartition(t, p, self._next.get((t, p), o)) for (t, p), o in self._start.items()]
