@@ -186,6 +186,7 @@ def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: st
     from flows.dataflow import FlowConfig, FlowSinks, build_flow
     from flows.registry import DEFAULT_PATH, load_registry
     from flows.replay_source import REPLAY_TABLES, DeltaReplaySource, estimate_rows
+    from tickcast.gc_tuning import throughput_gc
 
     if to_ms <= from_ms:
         raise ValueError("empty replay period")
@@ -209,7 +210,8 @@ def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: st
                       FlowConfig(flow_id="tickcast-replay", registry_path=registry_path, requester="replay"))
     t0 = time.perf_counter()
     c0 = time.process_time()
-    run_main(flow, epoch_interval=timedelta(days=1))  # no snapshots: a replay is re-run, never resumed
+    with throughput_gc():
+        run_main(flow, epoch_interval=timedelta(days=1))  # no snapshots: a replay is re-run, never resumed
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     bar.close()

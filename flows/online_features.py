@@ -46,8 +46,10 @@ def run(bootstrap: str | None = None, *, registry_path: str | None = None, recov
     from bytewax._bytewax import cli_main
     from bytewax.recovery import RecoveryConfig, init_db_dir
 
+    from tickcast.gc_tuning import use_throughput_gc
     from tickcast.logs import get_logger
 
+    use_throughput_gc()
     if metrics_port:  # Bytewax's dataflow API: /metrics (its step metrics + ours), /dataflow
         import tempfile
 
