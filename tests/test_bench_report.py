@@ -26,3 +26,15 @@ def test_failures_are_reported_not_raised(tmp_path):
     results, status, _ = run_script(script, timeout=30)
     assert results == {} and status == "exit 3"
     assert REQUIRED[("gateway_throughput", "msgs_per_s")].met(20_000)
+
+
+def test_a_partial_run_keeps_the_other_scripts_rows(tmp_path):
+    dest = tmp_path / "R.md"
+    write_report([("gateway_throughput", {"msgs_per_s": 30_000.0}, "ok", 1.0),
+                  ("online_latency", {"p50_ms": 4.0, "p99_ms": 25.0}, "ok", 1.0)], dest, "machine A")
+    text = write_report([("online_latency", {"p50_ms": 3.0, "p99_ms": 15.0}, "ok", 1.0)], dest, "machine B",
+                        keep_others=True)
+    assert "| gateway_throughput | msgs_per_s | 30000 | >= 20000 (issue 3) | yes |" in text
+    assert "| online_latency | p99_ms | 15 | <= 20 (issue 4) | yes |" in text
+    assert "p99_ms | 25" not in text and text.count("| online_latency | p50_ms") == 1
+    assert "machine A" in text and "Re-run" in text and "machine B: online_latency" in text

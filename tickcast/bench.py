@@ -74,19 +74,36 @@ def run_script(path: Path, timeout: float) -> tuple[dict[str, float], str, float
     return results, status if results or status != "ok" else "no RESULT lines", time.monotonic() - t0
 
 
-def write_report(rows: list[tuple[str, dict[str, float], str, float]], dest: Path, machine_line: str) -> str:
-    lines = ["# Benchmark results", "", f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
-             f"{machine_line}. Written by `make bench` (`tickcast bench`); each script's last lines are "
-             "`RESULT name=value`.", "", "| script | figure | value | required | met | reference of the ratio |",
-             "|---|---|---|---|---|---|"]
+def _row(script: str, name: str, value: float) -> str:
+    req = REQUIRED.get((script, name))
+    return (f"| {script} | {name} | {value:g} | {f'{req.op} {req.value:g} ({req.source})' if req else ''} "
+            f"| {('yes' if req.met(value) else '**no**') if req else ''} | {REFERENCES.get(name, '')} |")
+
+
+def write_report(rows: list[tuple[str, dict[str, float], str, float]], dest: Path, machine_line: str,
+                 keep_others: bool = False) -> str:
+    """The results table. ``keep_others`` (a run of some scripts only): the rows of the scripts not
+    re-run stay as they were, and the header says which scripts were re-run when."""
+    now = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    head = [f"Measured {now} on {machine_line}. Written by `make bench` (`tickcast bench`); each script's last "
+            "lines are `RESULT name=value`."]
+    kept: list[str] = []
+    rerun = {script for script, *_ in rows}
+    if keep_others and dest.exists():
+        old = dest.read_text().splitlines()
+        head = [line for line in old[1:] if line and not line.startswith("|")]
+        head.append(f"Re-run {now} on {machine_line}: {', '.join(sorted(rerun))} (`tickcast bench "
+                    f"{' '.join(sorted(rerun))}`).")
+        kept = [line for line in old if line.startswith("| ") and not line.startswith(("| script ", "|---"))
+                and line.split("|")[1].strip() not in rerun]
+    new: list[str] = []
     for script, results, status, secs in rows:
         if not results:
-            lines.append(f"| {script} | - | - | - | - | {status} ({secs:.0f} s) |")
-            continue
-        for name, value in results.items():
-            req = REQUIRED.get((script, name))
-            lines.append(f"| {script} | {name} | {value:g} | {f'{req.op} {req.value:g} ({req.source})' if req else ''} "
-                         f"| {('yes' if req.met(value) else '**no**') if req else ''} | {REFERENCES.get(name, '')} |")
+            new.append(f"| {script} | - | - | - | - | {status} ({secs:.0f} s) |")
+        new.extend(_row(script, name, value) for name, value in results.items())
+    table = sorted(kept + new, key=lambda line: line.split("|")[1].strip())  # stable: a script's rows keep their order
+    lines = ["# Benchmark results", "", *(x for h in head for x in (h, "")),
+             "| script | figure | value | required | met | reference of the ratio |", "|---|---|---|---|---|---|", *table]
     text = "\n".join(lines) + "\n"
     dest.write_text(text)
     return text
@@ -103,5 +120,5 @@ def main(only: list[str] | None = None, timeout: float = 1800.0) -> int:
         results, status, secs = run_script(path, timeout)
         print(f"   {status}, {secs:.0f} s: " + ", ".join(f"{k}={v:g}" for k, v in results.items()), flush=True)
         rows.append((path.stem, results, status, secs))
-    print(write_report(rows, BENCH / "RESULTS.md", machine_line))
+    print(write_report(rows, BENCH / "RESULTS.md", machine_line, keep_others=bool(only)))
     return 0
