@@ -24,9 +24,11 @@ on the same index in every raw topic), one consumer per index, so several worker
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from bytewax import operators as op
@@ -40,6 +42,7 @@ from flows.lake import (
     DEAD_LETTER_TABLE,
     TABLE_OF_TOPIC,
     Lake,
+    date_of_ms,
     rows_to_arrow,
     with_meta,
 )
@@ -70,6 +73,8 @@ class ArchiveConfig:
     idle_sleep_s: float = 0.05  # back-off of an idle consumer (no busy loop on a shared machine)
     stop_at_end: bool = False  # archive up to the current end of every partition, then exit
     serde: Any = None  # tickcast.serde.Serde; default: default_serde()
+    retention_days: int | None = None  # run the lake's retention once per UTC day (None: never)
+    data_dir: str | None = None  # where the datasets (versions to keep) and the last retention date live
 
     def __post_init__(self):
         for topic, table in self.topics.items():
@@ -281,22 +286,69 @@ class BronzeWriter:
         return written
 
 
+class RetentionSchedule:
+    """The lake's retention (``Lake.retention``: expire, compact closed days, vacuum) once per UTC
+    day, run by the archive between two micro-batches so that it never races the archive's own
+    commits. The date of the last run is kept in ``state_path``: an archive restarted the same day
+    does not run it again. A failed run is logged and tried again an hour later."""
+
+    RETRY_S = 3_600.0
+
+    def __init__(self, lake: Lake, days: int, state_path: str | Path, keep_versions=lambda: {}, clock=time.time):
+        if days < 1:
+            raise ValueError("retention needs at least 1 day")
+        self.lake, self.days, self.state_path = lake, days, Path(state_path)
+        self.keep_versions, self.clock = keep_versions, clock
+        self.next_try = 0.0
+        try:
+            self.last_date = json.loads(self.state_path.read_text()).get("date")
+        except (OSError, ValueError, AttributeError):
+            self.last_date = None
+
+    def maybe_run(self) -> dict | None:
+        now = self.clock()
+        today = date_of_ms(int(now * 1000))
+        if self.last_date == today or now < self.next_try:
+            return None
+        t0 = time.monotonic()
+        try:
+            report = self.lake.retention(self.days, now_ms=int(now * 1000), keep_versions=self.keep_versions())
+        except Exception as exc:  # a lake problem must not stop the archiving
+            self.next_try = now + self.RETRY_S
+            log.error("scheduled retention failed: trying again in an hour", extra={"error": repr(exc)})
+            return None
+        self.last_date = today
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps({"date": today, "days": self.days}) + "\n")
+        log.info("scheduled retention done", extra={"stage": "retention", "counts": {
+            "seconds": round(time.monotonic() - t0, 2),
+            "expired_rows": sum(r["expired_rows"] for r in report.values()),
+            "compacted": sum(len(r["compacted"]) for r in report.values()),
+            "vacuumed": sum(r["vacuumed_files"] for r in report.values())}})
+        return report
+
+
 class _BronzeSinkPartition(StatelessSinkPartition[tuple[str, list[tuple[str, dict]]]]):
-    def __init__(self, lake: Lake):
+    def __init__(self, lake: Lake, retention: RetentionSchedule | None = None):
         self._writer = BronzeWriter(lake)
+        self._retention = retention
 
     def write_batch(self, items: list[tuple[str, list[tuple[str, dict]]]]) -> None:
         flat = [x for _key, batch in items for x in batch]
         if flat:
             self._writer.write(flat)
+        if self._retention is not None:
+            self._retention.maybe_run()
 
 
 class BronzeSink(DynamicSink[tuple[str, list[tuple[str, dict]]]]):
-    def __init__(self, lake: Lake):
+    def __init__(self, lake: Lake, retention: RetentionSchedule | None = None):
         self._lake = lake
+        self._retention = retention
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _BronzeSinkPartition:
-        return _BronzeSinkPartition(self._lake)
+        # one worker runs the retention: the others' appends to the same tables are blind appends
+        return _BronzeSinkPartition(self._lake, self._retention if worker_index == 0 else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +405,14 @@ def build_flow(cfg: ArchiveConfig) -> Dataflow:
     rows = op.map("decode", msgs, lambda m: decode_message(serde, topics, m))
     keyed = op.key_on("by_partition_index", rows, lambda tr: f"p{tr[1]['kafka_partition']}")
     batches = micro_batch("micro_batch", keyed, timedelta(seconds=cfg.batch_seconds), cfg.batch_max_rows)
-    op.output("delta_bronze", batches, BronzeSink(cfg.lake))
+    retention = None
+    if cfg.retention_days:
+        from flows.datasets import referenced_versions
+
+        data_dir = Path(cfg.data_dir or "data")
+        retention = RetentionSchedule(cfg.lake, cfg.retention_days, data_dir / "archive" / "retention.json",
+                                      keep_versions=lambda: referenced_versions(data_dir))
+    op.output("delta_bronze", batches, BronzeSink(cfg.lake, retention))
     return flow
 
 

@@ -42,9 +42,12 @@ def archive(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP")
             once: bool = typer.Option(False, "--once", help="archive up to the current end of every partition, then exit"),
             batch_seconds: float = typer.Option(2.0, help="micro-batch: at most this many seconds ..."),
             batch_rows: int = typer.Option(50_000, help="... or this many rows"),
-            workers: int = typer.Option(1, help="Bytewax workers in this process")) -> None:
+            workers: int = typer.Option(1, help="Bytewax workers in this process"),
+            retention_days: int = typer.Option(None, help="run the retention once a day, keeping this many days "
+                                                          "(default: TICKCAST_RETENTION_DAYS; 0: never)")) -> None:
     """Archive every raw topic and the dead-letter topic into the Delta bronze tables (exactly once:
-    restarts resume from the offsets committed in the tables)."""
+    restarts resume from the offsets committed in the tables) and, once a UTC day, run the lake's
+    retention (what `tickcast lake retention` does)."""
     from flows.archive import ArchiveConfig, run_archive
 
     s = _settings()
@@ -52,11 +55,13 @@ def archive(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP")
     if not bootstrap:
         typer.echo("no broker: set KAFKA_BOOTSTRAP or pass --bootstrap", err=True)
         raise typer.Exit(2)
-    if batch_seconds <= 0 or batch_rows < 1 or workers < 1:
-        typer.echo("--batch-seconds, --batch-rows and --workers must be positive", err=True)
+    if batch_seconds <= 0 or batch_rows < 1 or workers < 1 or (retention_days is not None and retention_days < 0):
+        typer.echo("--batch-seconds, --batch-rows and --workers must be positive, --retention-days >= 0", err=True)
         raise typer.Exit(2)
     cfg = ArchiveConfig(bootstrap=bootstrap, lake=_lake(lake_root), stop_at_end=once, batch_seconds=batch_seconds,
-                        batch_max_rows=batch_rows)
+                        batch_max_rows=batch_rows, data_dir=str(s.data_dir),
+                        retention_days=None if once else (s.retention_days if retention_days is None else retention_days)
+                        or None)
     try:
         run_archive(cfg, workers=workers)
     except KeyboardInterrupt:

@@ -265,3 +265,46 @@ def test_micro_batches_close_by_time_while_rows_keep_coming():
     assert len(batches) >= 4, [len(b) for b, _ in batches]
     for b, emitted in batches[:-1]:  # each batch leaves at most ~timeout after its first item
         assert emitted - b[0][1] < 0.3 + 0.5, (emitted - b[0][1], len(b))
+
+
+def test_retention_runs_once_a_utc_day_from_the_archive_sink(tmp_path):
+    """The archive's sink runs the lake's retention between micro-batches: once per UTC day (a
+    restarted archive remembers the day), retried an hour after a failure."""
+    from flows.archive import RetentionSchedule, _BronzeSinkPartition
+    from tests.test_lake import D0, _fill
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.ensure_tables(["raw_trades"])
+    _fill(lake, days=3, per_day=10, files_per_day=2)  # 2026-08-01 .. 2026-08-03
+    now = [(D0 + 2 * DAY + 3_600_000) / 1000]  # 2026-08-03 01:00 UTC
+    state = tmp_path / "data" / "archive" / "retention.json"
+    kept = []
+    sched = RetentionSchedule(lake, 2, state, keep_versions=lambda: kept.append(1) or {}, clock=lambda: now[0])
+    sink = _BronzeSinkPartition(lake, sched)
+    sink.write_batch([])  # an idle flush still gives the schedule its turn
+    assert sorted(set(lake.read("raw_trades").column("date").to_pylist())) == ["2026-08-02", "2026-08-03"]
+    assert kept == [1] and state.exists()
+    # the rest of the day: nothing more, also after a restart
+    now[0] += 20 * 3600
+    sink.write_batch([])
+    sink2 = _BronzeSinkPartition(lake, RetentionSchedule(lake, 2, state, clock=lambda: now[0]))
+    sink2.write_batch([])
+    assert kept == [1] and lake.read("raw_trades").num_rows == 20
+    # the next UTC day: 2026-08-02 expires
+    now[0] += 4 * 3600
+    sink2.write_batch([])
+    assert sorted(set(lake.read("raw_trades").column("date").to_pylist())) == ["2026-08-03"]
+    # a failing retention is logged, not raised, and tried again an hour later
+    calls = []
+
+    class Broken:
+        def retention(self, *a, **kw):
+            calls.append(1)
+            raise OSError("bucket unreachable")
+
+    bad = RetentionSchedule(Broken(), 2, tmp_path / "other.json", clock=lambda: now[0])
+    assert bad.maybe_run() is None and bad.maybe_run() is None and calls == [1]
+    now[0] += 3_601
+    assert bad.maybe_run() is None and calls == [1, 1]
+    with pytest.raises(ValueError):
+        RetentionSchedule(lake, 0, state)
