@@ -40,6 +40,12 @@ def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             preexec_fn=_die_with_parent)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
     from confluent_kafka import Consumer
 
@@ -72,8 +78,11 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
         per_cadence: dict[str, int] = {}
         warm_until = time.monotonic() + 15.0  # connections, snapshots, first windows
         end = warm_until + seconds
+        cpu0 = None  # CPU seconds per process at the end of the warm-up: who uses the cores
         try:
             while time.monotonic() < end:
+                if cpu0 is None and time.monotonic() >= warm_until:
+                    cpu0 = {n: _cpu_s(pid) for n, pid in _pids(broker, procs).items()}, time.monotonic()
                 for m in consumer.consume(500, 0.1):
                     if m.error():
                         continue
@@ -88,6 +97,10 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
                 for p in procs:
                     if p.poll() is not None:
                         raise RuntimeError(f"{p.args[:4]} exited with {p.returncode}; see {workdir}")
+            if cpu0 is not None:
+                wall = time.monotonic() - cpu0[1]
+                per_cadence["cpu_pct"] = {n: round(100 * (_cpu_s(pid) - cpu0[0][n]) / wall)
+                                          for n, pid in _pids(broker, procs).items()}
         finally:
             consumer.close()
             for p in procs:
@@ -101,6 +114,11 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
           f"flow sink -> consumer ms: p50={_percentile(from_emit, .5):.2f} p99={_percentile(from_emit, .99):.2f}"
           if lat else "")
     return lat, per_cadence
+
+
+def _pids(broker, procs) -> dict[str, int]:
+    names = ["exchange", "flow", "gateway"]
+    return {"broker": broker.proc.pid, **{names[i]: p.pid for i, p in enumerate(procs)}}
 
 
 def throughput(backlog_s: float, workdir: Path) -> tuple[float, int]:
@@ -166,13 +184,18 @@ def main() -> None:
             print((work / "gateway.log").read_text()[-2000:], (work / "flow.log").read_text()[-2000:])
             raise SystemExit("no feature records arrived")
         eps, n = throughput(a.backlog_s, work)
+    cpu = per_cadence.pop("cpu_pct", {})
     print(f"latency: {len(lat)} feature records over {a.seconds:.0f} s, by cadence {per_cadence}")
+    print(f"CPU % of one core while measuring: {cpu} (the embedded broker's fetch lists every stored batch of "
+          "a partition, so its cost grows with the partition)")
     print(f"latency ms: p50={_percentile(lat, .5):.2f} p90={_percentile(lat, .9):.2f} "
           f"p99={_percentile(lat, .99):.2f} max={max(lat):.2f} (required p99 <= 20)")
     print(f"throughput: {n} raw events through one flow process")
     print(f"RESULT p50_ms={_percentile(lat, .5):.2f}")
     print(f"RESULT p99_ms={_percentile(lat, .99):.2f}")
     print(f"RESULT events_per_s={eps:.0f}")
+    if "broker" in cpu:
+        print(f"RESULT broker_cpu_pct={cpu['broker']}")
 
 
 if __name__ == "__main__":
