@@ -112,6 +112,24 @@ def test_snapshot_restore_mid_stream_gives_the_same_outputs(stream):
     assert out == whole
 
 
+def test_a_snapshot_freezes_the_engine_and_restores_as_an_engine(stream):
+    """Bytewax snapshots with copy.deepcopy, then pickles the copy later: the frozen copy must not
+    follow the live engine, and must unpickle as a working SymbolEngine."""
+    import copy
+
+    whole, _ = run(stream)
+    eng = new_engine("BTCUSDT")
+    half = len(stream) // 2
+    out = eng.process(stream[:half])
+    frozen = copy.deepcopy(eng)
+    eng.process(stream[half:half + 500])  # the live engine moves on before the epoch's snapshot is written
+    restored = pickle.loads(pickle.dumps(frozen))
+    assert isinstance(restored, SymbolEngine) and isinstance(frozen.thaw(), SymbolEngine)
+    out += restored.process(stream[half:])
+    out += restored.flush()
+    assert out == whole
+
+
 def test_every_value_is_a_float_or_an_explained_null(stream):
     out, _ = run(stream)
     want_hash = load_registry().hash
