@@ -4,6 +4,7 @@ Latency: the local exchange's market model at 10x Bybit's real cadence for 4 sym
 -> the embedded broker -> the online feature flow (one process) -> a consumer of features.live. For
 every feature record: arrival time at the consumer minus ``close_recv_ts``, the gateway's receive
 time of the event that closed the window (both wall clock on this machine). Required p99 <= 20 ms.
+The flow runs as deployed, with recovery snapshots every 5 s.
 
 Throughput: the same flow, one process, started on a backlog of raw events already in the broker
 (4 synthetic symbols); events/s from its first to its last published window.
@@ -64,8 +65,9 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
             _spawn([sys.executable, "-m", "tickcast.cli", "exchange", "--speed", "10", "--seed", "7",
                     "--port", str(port), "--http-port", str(free_port()), "--history-days", "0.1"],
                    env, workdir / "exchange.log"),
+            # as deployed: recovery on, a snapshot of every symbol's engine every 5 s
             _spawn([sys.executable, "-m", "flows.online_features", "--bootstrap", broker.bootstrap,
-                    "--recovery-dir", ""], env, workdir / "flow.log"),
+                    "--recovery-dir", str(workdir / "recovery")], env, workdir / "flow.log"),
         ]
         time.sleep(2.0)
         procs.append(_spawn([sys.executable, "-m", "tickcast.cli", "gateway", "--metrics-port", "0"], env,
