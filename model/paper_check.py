@@ -26,8 +26,8 @@ import pandas as pd
 
 def time_features(dates: pd.Series) -> np.ndarray:
     d = pd.to_datetime(dates)
-    return np.stack([d.dt.hour / 23.0 - 0.5, d.dt.dayofweek / 6.0 - 0.5, (d.dt.day - 1) / 30.0 - 0.5,
-                     (d.dt.dayofyear - 1) / 365.0 - 0.5, d.dt.minute / 59.0 - 0.5], axis=1).astype(np.float32)
+    return np.stack([d.dt.hour / 23.0 - 0.5, d.dt.day_of_week / 6.0 - 0.5, (d.dt.day - 1) / 30.0 - 0.5,
+                     (d.dt.day_of_year - 1) / 365.0 - 0.5, d.dt.minute / 59.0 - 0.5], axis=1).astype(np.float32)
 
 
 def borders(name: str, n: int, lookback: int) -> tuple[list[int], list[int]]:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -878,10 +879,13 @@ def audit_served(lake_root: str, online: dict, symbols: list[str], last_minute: 
     while True:
         rows = []
         if DeltaTable.is_deltatable(uri):
-            rows = DeltaTable(uri).to_pyarrow_table(columns=["symbol", "origin_ts", "status"]).to_pylist()
+            rows = DeltaTable(uri).to_pyarrow_table(columns=["symbol", "origin_ts", "status", "reason"]).to_pylist()
         status: dict[tuple, set] = defaultdict(set)
+        reasons: dict[tuple, str] = {}
         for r in rows:
             status[(r["symbol"], r["origin_ts"])].add(r["status"])
+            if r["status"] == "degraded" and r["reason"]:
+                reasons[(r["symbol"], r["origin_ts"])] = r["reason"]
         if all((s, last_minute) in status for s in symbols if s in first) or time.monotonic() > deadline:
             break
         time.sleep(2.0)
@@ -894,6 +898,7 @@ def audit_served(lake_root: str, online: dict, symbols: list[str], last_minute: 
         start = first[s] - MINUTE_MS
         minutes = list(range(start, last_minute + MINUTE_MS, MINUTE_MS))
         c = Counter()
+        why = Counter()  # what degraded the degraded minutes, numbers stripped so that alike reasons add up
         missing = []
         for m in minutes:
             st = status.get((s, m), set())
@@ -901,6 +906,9 @@ def audit_served(lake_root: str, online: dict, symbols: list[str], last_minute: 
                 c["served"] += 1
             elif "degraded" in st:
                 c["degraded"] += 1
+                for part in reasons.get((s, m), "").split("; "):
+                    if part:
+                        why[re.sub(r"\d+", "N", part)] += 1
             elif "skipped" in st:
                 c["skipped"] += 1
                 missing.append(m)
@@ -910,7 +918,8 @@ def audit_served(lake_root: str, online: dict, symbols: list[str], last_minute: 
         n = len(minutes)
         out.per_symbol[s] = {"minutes": n, "served": c["served"], "degraded": c["degraded"], "skipped": c["skipped"],
                              "missing": c["missing"], "pct": 100.0 * (c["served"] + c["degraded"]) / n if n else None,
-                             "from": start, "to": last_minute, "without_forecast": missing[:20]}
+                             "from": start, "to": last_minute, "without_forecast": missing[:20],
+                             "degraded_reasons": why.most_common(3)}
     return out
 
 
@@ -985,6 +994,8 @@ def report_text(soak: Soak, eo: ExactlyOnce, par: Parity, served: Served) -> str
                  f"(degraded {v['degraded']}, skipped {v['skipped']}, no row {v['missing']})"
                  + (f"; without a forecast: {[utc(m / 1000)[11:16] for m in v['without_forecast']]}"
                     if v.get("without_forecast") else ""))
+        for reason, n in v.get("degraded_reasons", []):
+            L.append(f"    degraded {n}x: {reason}")
     L.append("")
     L.append(f"lost={eo.lost} duplicated={eo.duplicated} served={pct_text(served.lowest)} parity={pct_text(par.pct)}")
     return "\n".join(L)
