@@ -147,3 +147,51 @@ def test_quick_champion_then_challenger_end_to_end(settings):
     assert isinstance(s2["promoted"], bool) and s2["decision"]
     assert registry.alias_version(settings, "challenger") == "2"
     assert registry.alias_version(settings, "champion") == ("2" if s2["promoted"] else "1")
+
+
+def test_baseline_vs_main_comparison_is_logged_on_the_champion_run(settings, onnx_file, tmp_path, monkeypatch):
+    """model.compare: without mempool history it refuses with the reason; with it, both models are
+    trained on identical origins and the metrics land on the champion's run, where GET /model (the
+    champion watcher) and the dashboard read them."""
+    from model.compare import (
+        comparison_metrics,
+        log_comparison,
+        main,
+        present_columns,
+        registry_mempool_features,
+    )
+    from model.data import kline_variate_names, load_dataset
+    from model.evaluate import compare_variate_configs
+    from model.synthetic import synthetic_klines
+    from model.train import TrainConfig
+
+    names = registry_mempool_features()
+    assert "mempool_tx_count" in names and all(n.startswith("mempool_") for n in names)
+    v1 = _register(settings, onnx_file, _m(1.0, 1.0, 1.0))
+    registry.promote(settings, v1)
+    # a kline-only dataset: no mempool history, refused with the reason
+    csv = tmp_path / "BTCUSDT_1m.csv"
+    synthetic_klines(600, seed=5).to_csv(csv, index=False)
+    monkeypatch.setenv("TICKCAST_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+    monkeypatch.setenv("TICKCAST_MODEL_NAME", settings.model_name)
+    assert main(["--dataset", str(csv), "--log", "none"]) == 2
+    # with a mempool column: compared and logged
+    ds = load_dataset(synthetic_klines(1500, seed=7), horizon=5)
+    rng = np.random.default_rng(1)
+    ds.frame["mempool_tx_count"] = rng.normal(size=len(ds.frame))
+    assert present_columns(ds.frame, names) == ["mempool_tx_count"]
+    base = dict(lookback=16, horizon=5, d_model=8, n_heads=2, e_layers=1, d_ff=16, epochs=1,
+                origins_per_epoch=300, val_origins_max=100)
+    vars_ = kline_variate_names()
+    result = compare_variate_configs(ds, TrainConfig(variates=vars_, **base),
+                                     TrainConfig(variates=vars_ + ["mempool_tx_count"], **base), progress=False)
+    run_id = registry.client(settings).get_model_version(settings.model_name, v1).run_id
+    logged = log_comparison(settings, run_id, result)
+    assert logged == comparison_metrics(result)
+    run = registry.client(settings).get_run(run_id)
+    for t in ("close", "rv", "range"):
+        assert run.data.metrics[f"cmp_baseline_{t}_pinball"] == result["metrics"]["baseline"][t]["pinball"]
+        assert run.data.metrics[f"cmp_main_{t}_pinball"] == result["metrics"]["main"][t]["pinball"]
+    assert run.data.tags["cmp_main_extra_variates"] == "mempool_tx_count"
+    assert run.data.metrics["cmp_common_origins"] == result["n_common_origins"] > 0
