@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flows.candles import kline_registry_hash
+
+KLINE_REGISTRY_HASH = kline_registry_hash()
+
 MINUTE_MS = 60_000
 
 
@@ -243,7 +247,10 @@ def assemble_window(history: SymbolHistory, t: int, variates: tuple[str, ...] | 
         reasons.append(f"variates with no value in the whole window, fed as 0: {', '.join(absent)}")
     if filled:
         reasons.append(f"null or non-finite values filled in: {', '.join(filled)}")
-    if model_registry_hash and last.registry_hash and last.registry_hash != model_registry_hash:
+    if (model_registry_hash and last.registry_hash and last.registry_hash != model_registry_hash
+            and model_registry_hash != KLINE_REGISTRY_HASH):
+        # a kline-only model's variates are computed by the same candle code in every registry
+        # (a registry without one of them shows as an absent variate above)
         reasons.append(f"feature registry {last.registry_hash} differs from the model's {model_registry_hash}")
     if not last.book_valid and any(_is_book_feature(v) for v in variates):
         reasons.append("order book invalid at minute t")

@@ -38,6 +38,17 @@ KLINE_VARIATES: dict[str, str] = {
 # minutes of history (beyond t) needed for every variate to be defined
 KLINE_WARMUP = 61
 
+
+def kline_registry_hash() -> str:
+    """The kline-only feature set's registry hash (what a kline-only dataset and a model trained on
+    it carry): SHA-256 of its canonical JSON (names, order, definitions, warm-up). The online flow
+    computes these variates with the same code as the dataset builder, whatever its registry."""
+    import hashlib
+    import json
+
+    canon = json.dumps({"variates": KLINE_VARIATES, "warmup": KLINE_WARMUP}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
 _LN2x4 = 4.0 * math.log(2.0)
 _NAN = float("nan")
 

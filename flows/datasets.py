@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS, kline_variates
+from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS, kline_registry_hash, kline_variates
 from flows.lake import DAY_MS, Lake, dates_between
 from flows.targets import DEFAULT_FLAT_THRESHOLD, HORIZON, forward_targets, triple_barrier
 from tickcast.logs import get_logger
@@ -227,13 +227,6 @@ def code_hash(files: Iterable[str]) -> str:
         h.update(p.read_bytes() if p.is_file() else b"<missing>")
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-def kline_registry_hash() -> str:
-    """The kline-only feature set's registry hash: SHA-256 of its canonical JSON (names, order,
-    definitions, warm-up)."""
-    canon = json.dumps({"variates": KLINE_VARIATES, "warmup": KLINE_WARMUP}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def dataset_id(spec: DatasetSpec, versions: dict[str, int], registry_hash: str, chash: str) -> str:

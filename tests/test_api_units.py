@@ -102,6 +102,12 @@ def test_registry_hash_mismatch_degrades():
     h = history({i: obs(i) for i in range(4)})
     w = assemble_window(h, T0 + 3 * MINUTE_MS, VARS, 4, model_registry_hash="other")
     assert w.degraded and "differs from the model's other" in w.reason
+    # a kline-only model (trained on a kline dataset) carries the kline feature set's hash: its
+    # variates are the same candle code under any registry, so that is no reason to degrade
+    from flows.candles import kline_registry_hash
+
+    w = assemble_window(h, T0 + 3 * MINUTE_MS, VARS, 4, model_registry_hash=kline_registry_hash())
+    assert not w.degraded and w.x is not None
 
 
 # ------------------------------------------------------------------------------------ forecasts and signals
