@@ -76,6 +76,9 @@ class _RawPartition(StatefulSourcePartition):
         self.now_us = lambda: time.time_ns() // 1000  # wall clock, as the gateway's recv_ts
         self.confirmed_to: float = float("-inf")  # the hand-over limit at the last confirmation
         self.confirmed: dict[str, int] = {}  # topic -> high watermark from the last round trip
+        self.index = index
+        self._stalled_since: float | None = None
+        self._stall_logged = 0.0
 
     def _behind(self, topic: str) -> bool:
         """Messages remain below the high watermark (cached, or confirmed by a recent round trip)
@@ -184,7 +187,33 @@ class _RawPartition(StatefulSourcePartition):
         if dead:
             out.append((DEAD_LETTER_KEY, dead))
         self._flow_control()
+        self._watch_stall(bool(out), limit)
         return out
+
+    def _watch_stall(self, handed_over: bool, limit: float) -> None:
+        """Log (at most every 10 s) why messages wait: queued for more than 5 s of wall time with
+        nothing handed over means the frontier is held by some topic."""
+        now = time.monotonic()
+        if handed_over or not any(self.queues.values()):
+            self._stalled_since = None
+            return
+        if self._stalled_since is None:
+            self._stalled_since = now
+            return
+        if now - self._stalled_since < 5.0 or now < self._stall_logged + 10.0:
+            return
+        self._stall_logged = now
+        topics = {}
+        for t, q in self.queues.items():
+            low, high = self.consumer.get_watermark_offsets(self.tps[t], cached=True)
+            topics[t] = {"queued": len(q), "head_ts": q[0][0] if q else None, "last_ts": self.last_ts.get(t),
+                         "read_to": self.read_to.get(t), "high": high, "confirmed": self.confirmed.get(t),
+                         "paused": t in self.paused}
+            if q or self._behind(t):
+                topics[t]["client"] = self.consumer.partition_stats(t, self.index)
+        log.warning("source stalled: messages wait for the frontier", extra={
+            "partition": self.index, "stalled_s": round(now - self._stalled_since, 1),
+            "limit": None if limit in (float("inf"), float("-inf")) else limit, "topics": topics})
 
     def snapshot(self):
         return dict(self.offsets)

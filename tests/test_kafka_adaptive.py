@@ -90,3 +90,63 @@ def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_s
     assert ac2.wait_ms == ac2.base_wait and ac2.rebuilds == 0
     ac.close()
     ac2.close()
+
+
+def test_one_starved_partition_widens_the_wait_while_another_keeps_flowing():
+    """tansu answers empty only the partitions whose listing outlasts the wait: a consumer of a
+    long partition (behind) and a short live one gets the live messages and nothing of the long
+    partition. The starvation is per partition (seen in a 2-symbol soak: the order-book deltas of
+    one symbol stopped while its trades and tickers flowed, and the event-time merge held them)."""
+    import threading
+
+    with EmbeddedBroker(topics=(TopicSpec("long", (), 1), TopicSpec("live", (), 1))) as broker:
+        p = Producer(producer_config(broker.bootstrap, **{"batch.num.messages": 1, "linger.ms": 0}))
+        for i in range(N):
+            while True:
+                try:
+                    p.produce("long", str(i).encode())
+                    break
+                except BufferError:
+                    p.poll(0.05)
+            p.poll(0)
+        assert p.flush(60) == 0
+        stop = threading.Event()
+
+        def trickle():  # a live partition with a message every 20 ms
+            i = 0
+            while not stop.is_set():
+                p.produce("live", str(i).encode())
+                p.poll(0)
+                i += 1
+                time.sleep(0.02)
+
+        th = threading.Thread(target=trickle, daemon=True)
+        th.start()
+        try:
+            conf = consumer_config(broker.bootstrap, "starve-one", **{"fetch.wait.max.ms": 1})
+            assignment = [TopicPartition("long", 0, N // 2), TopicPartition("live", 0, 0)]
+
+            def read(consumer, seconds):
+                by_topic = {"long": [], "live": []}
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline and len(by_topic["long"]) < N // 2:
+                    for m in consumer.consume(1000, 0.05):
+                        if m.error() is None:
+                            by_topic[m.topic()].append(int(m.value()))
+                return by_topic
+
+            plain = Consumer(conf)
+            plain.assign(assignment)
+            seen = read(plain, 3.0)
+            plain.close()
+            assert seen["live"] and len(seen["long"]) < N // 2, "premise: the long partition starves alone"
+
+            ac = AdaptiveConsumer(conf, relax_s=1.0)
+            ac.assign(assignment)
+            seen = read(ac, 60.0)
+            assert seen["long"] == list(range(N // 2, N))  # all of it, in order, nothing twice
+            assert ac.rebuilds >= 1 and ac.wait_ms > 1 and seen["live"]
+            ac.close()
+        finally:
+            stop.set()
+            th.join(5)

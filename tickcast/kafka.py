@@ -94,12 +94,18 @@ class AdaptiveConsumer:
         self._next: dict[tuple[str, int], int] = {}  # offset after the last message handed out
         self._paused: set[tuple[str, int]] = set()
         self._last_data = time.monotonic()
+        self._data_at: dict[tuple[str, int], float] = {}  # when each partition last handed out a message
+        self._assigned_at = time.monotonic()
+        self._starve_check_at = 0.0
         self._caught_up_since: float | None = None
         self.rebuilds = 0
+        self.last_stats: dict = {}  # librdkafka's latest statistics (for diagnostics)
 
     def _on_stats(self, raw: str, user_cb) -> None:
         try:
-            brokers = json.loads(raw).get("brokers", {}).values()
+            stats = json.loads(raw)
+            self.last_stats = stats
+            brokers = stats.get("brokers", {}).values()
             rtts = [b["rtt"]["avg"] for b in brokers if b.get("nodeid", -1) >= 0 and b.get("rtt", {}).get("cnt")]
             self.rtt_ms = max(rtts) / 1000.0 if rtts else None
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -107,6 +113,14 @@ class AdaptiveConsumer:
         self._rtt_new = self.rtt_ms is not None
         if user_cb is not None:
             user_cb(raw)
+
+    def partition_stats(self, topic: str, partition: int) -> dict:
+        """librdkafka's view of one partition (fetch state, queued messages, offsets) from the
+        latest statistics: what a stalled partition needs explained."""
+        tp = self.last_stats.get("topics", {}).get(topic, {}).get("partitions", {}).get(str(partition), {})
+        keys = ("fetch_state", "fetchq_cnt", "fetchq_size", "next_offset", "app_offset", "hi_offset", "ls_offset",
+                "consumer_lag", "rxmsgs", "rx_ver_drops", "msgs_inflight")
+        return {k: tp[k] for k in keys if k in tp}
 
     def __getattr__(self, name):  # list_topics, offsets_for_times, committed, ...
         return getattr(self._c, name)
@@ -116,7 +130,8 @@ class AdaptiveConsumer:
         self._next = {}
         self._paused = set()
         self._c.assign(partitions)
-        self._last_data = time.monotonic()
+        self._last_data = self._assigned_at = time.monotonic()
+        self._data_at = {}
 
     def pause(self, partitions) -> None:
         self._paused |= {(tp.topic, tp.partition) for tp in partitions}
@@ -125,6 +140,9 @@ class AdaptiveConsumer:
     def resume(self, partitions) -> None:
         self._paused -= {(tp.topic, tp.partition) for tp in partitions}
         self._c.resume(partitions)
+        now = time.monotonic()
+        for tp in partitions:  # a paused partition did not starve
+            self._data_at[(tp.topic, tp.partition)] = now
 
     def consume(self, num_messages: int = 1, timeout: float = -1):
         msgs = self._c.consume(num_messages, timeout)
@@ -132,12 +150,33 @@ class AdaptiveConsumer:
         got = False
         for m in msgs:
             if m.error() is None:
-                self._next[(m.topic(), m.partition())] = m.offset() + 1
+                key = (m.topic(), m.partition())
+                self._next[key] = m.offset() + 1
+                self._data_at[key] = now
                 got = True
         if got:
             self._last_data = now
         self._adapt(now, got)
         return msgs
+
+    def starved(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Unpaused partitions with messages below their cached high watermark and none handed out
+        for ``starve_s``: tansu answers the partitions whose listing outlasts the wait empty, so the
+        longest partition of a fetch can starve while the others keep flowing."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        now = time.monotonic() if now is None else now
+        out = []
+        for key, start in self._start.items():
+            if key in self._paused or now - self._data_at.get(key, self._assigned_at) < self.starve_s:
+                continue
+            low, high = self._c.get_watermark_offsets(TopicPartition(*key), cached=True)
+            pos = self._next.get(key, start)
+            if pos == OFFSET_BEGINNING:
+                pos = low  # assigned at the beginning and nothing handed out yet
+            if high >= 0 and pos >= 0 and high > pos:
+                out.append(key)
+        return out
 
     def poll(self, timeout: float = -1):
         msgs = self.consume(1, timeout)
@@ -170,11 +209,15 @@ class AdaptiveConsumer:
             # a long round trip is a big answer, and the consumer should fetch as fast as it can)
             self._widen(now, int(min(self.max_wait_ms, max(self.wait_ms * 2, rtt * self.rtt_factor))),
                         f"the broker's round trip ({rtt:.0f} ms) outgrew the wait")
-        elif not got:
-            if self.wait_ms < self.max_wait_ms and now - self._last_data >= self.starve_s and self.lag():
+        elif self.wait_ms < self.max_wait_ms and now >= self._starve_check_at:
+            self._starve_check_at = now + self.starve_s / 4  # a watermark lookup per partition: not every call
+            starved = self.starved(now)
+            if starved:
                 self._widen(now, min(self.max_wait_ms, self.wait_ms * 4),
-                            "the broker answered empty while messages were waiting")
-        elif self.wait_ms != self.base_wait:
+                            f"the broker answered empty for {starved[0][0]}[{starved[0][1]}] while messages "
+                            "were waiting")
+                return
+        if got and self.wait_ms != self.base_wait:
             if self._near_tail():
                 self._caught_up_since = self._caught_up_since or now
                 if now - self._caught_up_since >= self.relax_s:
@@ -209,6 +252,7 @@ class AdaptiveConsumer:
         paused = [TopicPartition(t, p) for t, p in self._paused]
         if paused:
             self._c.pause(paused)
-        self._last_data = time.monotonic()
+        self._last_data = now = time.monotonic()
+        self._data_at = {k: now for k in self._start}  # a fresh consumer: give every partition starve_s
         self._caught_up_since = None
         self.rebuilds += 1
