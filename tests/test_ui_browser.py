@@ -285,9 +285,14 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
             P.shot("no_model")
 
             # 3. a champion, a backlog of minutes, then live minutes with champion moves and jumps
-            v_up = contract_model.register(uri, MODEL, models["up"], artifact_root=tmp_path / "artifacts")
+            # both carry a baseline-vs-main comparison (what model.compare logs on a champion's run)
+            cmp = {f"cmp_{m}_{t}_{k}": v * (0.97 if m == "main" else 1.0) for m in ("baseline", "main")
+                   for t in ("close", "rv", "range") for k, v in (("pinball", 0.001), ("coverage", 0.8))}
+            cmp_tags = {"cmp_main_extra_variates": "mempool_tx_count,mempool_fee_fastest"}
+            v_up = contract_model.register(uri, MODEL, models["up"], artifact_root=tmp_path / "artifacts",
+                                           metrics=cmp, tags=cmp_tags)
             v_down = contract_model.register(uri, MODEL, models["down"], artifact_root=tmp_path / "artifacts",
-                                             alias=None)
+                                             alias=None, metrics=cmp, tags=cmp_tags)
             deadline = time.monotonic() + 20
             while httpx.get(f"{api.base}/model", timeout=5).json()["champion_version"] != v_up:
                 assert time.monotonic() < deadline, "the API did not load the champion"
@@ -374,6 +379,9 @@ def test_dashboard_live_in_chromium(bootstrap, tmp_path):
                 P.wait(lambda: P.n("model_calibration", "level") == 3, 30, "the calibration curve")
                 assert P.text("skill-cov-value").endswith("%")
                 assert P.visible("model-offline-missing") or P.visible("model-metrics")
+                P.wait(lambda: P.visible("model-compare"), 20, "the baseline-vs-main comparison")
+                assert "mempool_tx_count" in P.text("model-compare-title")
+                assert "-3.0 %" in P.text("model-compare")
                 P.shot("model")
 
                 P.tab("Monitoring")

@@ -276,6 +276,22 @@ def test_model_metric_rows():
     assert S.model_metric_rows({"metrics": {"main_mae": 1.5, "baseline_mae": None}}) == [
         {"metric": "main_mae", "value": "1.5"}]
     assert S.model_metric_rows(None) == []
+    # the baseline-vs-main comparison has its own table
+    assert S.model_metric_rows({"metrics": {"cmp_main_rv_pinball": 1.0, "val_rv_pinball": 2.0}}) == [
+        {"metric": "val_rv_pinball", "value": "2"}]
+
+
+def test_variate_comparison_rows():
+    m = {"cmp_baseline_close_pinball": 0.002, "cmp_main_close_pinball": 0.0019, "cmp_baseline_rv_coverage": 0.8,
+         "cmp_main_rv_coverage": 0.82, "cmp_baseline_range_mae": 0.0, "cmp_main_range_mae": 0.1,
+         "cmp_baseline_rv_pinball": 1.0, "val_close_pinball": 5.0}  # rv pinball: no main value -> no row
+    rows = S.variate_comparison_rows({"metrics": m})
+    assert rows == [
+        {"target": "close", "metric": "pinball", "baseline": "0.002", "main": "0.0019", "change": "-5.0 %"},
+        {"target": "rv", "metric": "coverage", "baseline": "0.8", "main": "0.82", "change": "+2.5 %"},
+        {"target": "range", "metric": "mae", "baseline": "0", "main": "0.1", "change": "n/a"}]
+    assert S.variate_comparison_rows({"metrics": {"val_close_pinball": 1.0}}) == []
+    assert S.variate_comparison_rows(None) == [] and S.variate_comparison_rows({"metrics": None}) == []
 
 
 # ------------------------------------------------------------------------------------ monitoring

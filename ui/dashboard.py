@@ -442,11 +442,12 @@ class Dashboard:
         self.model_card = _box(self.css)
         self.model_skill = _box(self.css)
         self.model_offline = _box(self.css)
+        self.model_compare = _box(self.css)
         self.model_quality_msg = _box(self.css)
         self.model_charts = pn.Row(pn.pane.Bokeh(c), pn.pane.Bokeh(cov, sizing_mode="stretch_width"),
                                    sizing_mode="stretch_width", visible=False)
         return pn.Column(self.model_card, self.model_skill, self.model_quality_msg, self.model_charts,
-                         self.model_offline, sizing_mode="stretch_width")
+                         self.model_offline, self.model_compare, sizing_mode="stretch_width")
 
     def _history(self, sym: str):
         return self.feed.view(("history", sym, 1440), ttl=15.0)
@@ -516,10 +517,24 @@ class Dashboard:
                   + R.table(["metric", "value"], [(r["metric"], r["value"]) for r in rows], "model-metrics"))
         else:
             _html(self.model_offline, R.banner(
-                "info", "Offline evaluation against the baselines, and the baseline-without-mempool vs "
-                        "main-with-mempool comparison, are not served by the API (GET /model has no metrics); "
-                        "they are in the MLflow run of the champion. The live record above compares the champion "
+                "info", "The champion's MLflow run carries no offline metrics (GET /model has none): it was "
+                        "registered without a validation run. The live record above compares the champion "
                         "with naive baselines on the minutes it actually served.", "model-offline-missing"))
+        cmp_rows = S.variate_comparison_rows(model)
+        if cmp_rows:
+            extra = ((model or {}).get("tags") or {}).get("cmp_main_extra_variates", "")
+            title = (f"Baseline (without mempool) vs main (with mempool{': ' + extra if extra else ''}), "
+                     "identical origins and splits")
+            _html(self.model_compare, "<b style='font-family:sans-serif' data-testid='model-compare-title'>"
+                  f"{R.esc(title)}</b>"
+                  + R.table(["target", "metric", "baseline", "main", "change"],
+                            [(r["target"], r["metric"], r["baseline"], r["main"], r["change"]) for r in cmp_rows],
+                            "model-compare"))
+        else:
+            _html(self.model_compare, R.empty(
+                "No baseline (without mempool) vs main (with mempool) comparison on the champion's run: it needs a "
+                "dataset with mempool history (`python -m model.compare --dataset <id>` trains both on identical "
+                "splits and logs it here). The shared real data has no mempool history.", "model-compare-empty"))
 
     # ------------------------------------------------------------------ Monitoring
     def _build_monitoring(self):

@@ -670,9 +670,32 @@ def model_metric_rows(model: Mapping[str, Any] | None) -> list[dict]:
         src = {k: v for k, v in (model.get("tags") or {}).items() if k.startswith(METRIC_PREFIXES)}
     rows = []
     for k in sorted(src):
+        if k.startswith(COMPARISON_PREFIX):
+            continue  # the baseline-vs-main comparison has its own table
         v = num(src[k])
         if v is not None:
             rows.append({"metric": str(k), "value": fmt_value(v)})
+    return rows
+
+
+COMPARISON_PREFIX = "cmp_"  # model.compare's metrics on the champion's run
+
+
+def variate_comparison_rows(model: Mapping[str, Any] | None) -> list[dict]:
+    """Baseline (without mempool) vs main (with mempool) from the ``cmp_baseline_*`` / ``cmp_main_*``
+    metrics that ``python -m model.compare`` logs on the champion's run: per target and metric both
+    values and the main model's relative change (for pinball and MAE, negative is better)."""
+    m = (model or {}).get("metrics")
+    if not isinstance(m, Mapping):
+        return []
+    rows = []
+    for tgt in ("close", "rv", "range"):
+        for k in ("pinball", "coverage", "mae", "dir_acc"):
+            b, v = num(m.get(f"cmp_baseline_{tgt}_{k}")), num(m.get(f"cmp_main_{tgt}_{k}"))
+            if b is None or v is None:
+                continue
+            change = f"{100 * (v - b) / abs(b):+.1f} %" if b else "n/a"
+            rows.append({"target": tgt, "metric": k, "baseline": fmt_value(b), "main": fmt_value(v), "change": change})
     return rows
 
 
