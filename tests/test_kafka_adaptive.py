@@ -22,18 +22,25 @@ def _read(consumer, seconds: float, until: int) -> list[int]:
     return got
 
 
+def _long_partition(broker) -> Producer:
+    """N records on topic "long", one batch each (the listing tansu does per fetch grows with each);
+    returns the producer (one record per batch) for more."""
+    p = Producer(producer_config(broker.bootstrap, **{"batch.num.messages": 1, "linger.ms": 0}))
+    for i in range(N):
+        while True:
+            try:
+                p.produce("long", str(i).encode())
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    assert p.flush(60) == 0
+    return p
+
+
 def test_a_starved_consumer_widens_its_fetch_wait_reads_everything_once_and_narrows_back():
     with EmbeddedBroker(topics=(TopicSpec("long", (), 1),)) as broker:
-        p = Producer(producer_config(broker.bootstrap, **{"batch.num.messages": 1, "linger.ms": 0}))
-        for i in range(N):  # one batch per record: the listing tansu does per fetch grows with each
-            while True:
-                try:
-                    p.produce("long", str(i).encode())
-                    break
-                except BufferError:
-                    p.poll(0.05)
-            p.poll(0)
-        assert p.flush(60) == 0
+        p = _long_partition(broker)
         start = TopicPartition("long", 0, N // 2)
         conf = consumer_config(broker.bootstrap, "starve", **{"fetch.wait.max.ms": 1})
 
@@ -100,16 +107,7 @@ def test_one_starved_partition_widens_the_wait_while_another_keeps_flowing():
     import threading
 
     with EmbeddedBroker(topics=(TopicSpec("long", (), 1), TopicSpec("live", (), 1))) as broker:
-        p = Producer(producer_config(broker.bootstrap, **{"batch.num.messages": 1, "linger.ms": 0}))
-        for i in range(N):
-            while True:
-                try:
-                    p.produce("long", str(i).encode())
-                    break
-                except BufferError:
-                    p.poll(0.05)
-            p.poll(0)
-        assert p.flush(60) == 0
+        p = _long_partition(broker)
         stop = threading.Event()
 
         def trickle():  # a live partition with a message every 20 ms

@@ -62,6 +62,7 @@ def _register(settings, onnx_path, val: dict, ref_version: str | None = None, re
 
     exp = registry.ensure_experiment(settings)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # an earlier test (training) may have set another
     with mlflow.start_run(experiment_id=exp):
         for t, m in val.items():
             mlflow.log_metrics({f"val_{t}_pinball": m["pinball"], f"val_{t}_coverage": m["coverage"]})
