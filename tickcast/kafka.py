@@ -67,8 +67,9 @@ class AdaptiveConsumer:
     kill -9 never caught up). Two signals widen the wait, rebuilding the consumer at its next
     position: near the tail, the broker's average round trip (librdkafka statistics, every second)
     above twice the wait sets the wait to ``rtt_factor`` x the round trip, so listings take a bounded
-    share of the broker; and no message for ``starve_s`` while messages wait below the high watermark multiplies
-    it by 4. Both stop at ``max_wait_ms``. After ``relax_s`` caught up (less than ``caught_up_lag``
+    share of the broker; and a partition with messages below its high watermark and none handed out for
+    ``starve_s`` (``starve_behind_s`` when the consumer is far behind and other partitions flow)
+    multiplies it by 4. Both stop at ``max_wait_ms``. After ``relax_s`` caught up (less than ``caught_up_lag``
     behind) it returns to the configured wait; widening again soon after doubles ``relax_s`` (the
     partition has outgrown the short wait: stop flapping). On Kafka or Redpanda neither signal fires
     and it stays a plain consumer. Only ``assign`` is supported (no group subscription)."""
