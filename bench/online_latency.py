@@ -47,7 +47,8 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
+def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
+    """(latencies ms, feature records by cadence, CPU % of a core per process while measuring)."""
     from confluent_kafka import Consumer
 
     from tickcast.broker import EmbeddedBroker, free_port
@@ -78,6 +79,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
         to_emit: list[float] = []  # gateway receive -> the flow's sink (gateway, broker, source, engine)
         from_emit: list[float] = []  # the flow's sink -> this consumer (the output hop)
         per_cadence: dict[str, int] = {}
+        cpu: dict[str, int] = {}
         warm_until = time.monotonic() + 15.0  # connections, snapshots, first windows
         end = warm_until + seconds
         cpu0 = None  # CPU seconds per process at the end of the warm-up: who uses the cores
@@ -101,8 +103,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
                         raise RuntimeError(f"{p.args[:4]} exited with {p.returncode}; see {workdir}")
             if cpu0 is not None:
                 wall = time.monotonic() - cpu0[1]
-                per_cadence["cpu_pct"] = {n: round(100 * (_cpu_s(pid) - cpu0[0][n]) / wall)
-                                          for n, pid in _pids(broker, procs).items()}
+                cpu = {n: round(100 * (_cpu_s(pid) - cpu0[0][n]) / wall) for n, pid in _pids(broker, procs).items()}
         finally:
             consumer.close()
             for p in procs:
@@ -115,7 +116,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict]:
     print(f"  receive -> flow sink ms: p50={_percentile(to_emit, .5):.2f} p99={_percentile(to_emit, .99):.2f}; "
           f"flow sink -> consumer ms: p50={_percentile(from_emit, .5):.2f} p99={_percentile(from_emit, .99):.2f}"
           if lat else "")
-    return lat, per_cadence
+    return lat, per_cadence, cpu
 
 
 def _pids(broker, procs) -> dict[str, int]:
@@ -181,12 +182,11 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
         work = Path(tmp)
-        lat, per_cadence = latency(a.seconds, work)
+        lat, per_cadence, cpu = latency(a.seconds, work)
         if not lat:
             print((work / "gateway.log").read_text()[-2000:], (work / "flow.log").read_text()[-2000:])
             raise SystemExit("no feature records arrived")
         eps, n = throughput(a.backlog_s, work)
-    cpu = per_cadence.pop("cpu_pct", {})
     print(f"latency: {len(lat)} feature records over {a.seconds:.0f} s, by cadence {per_cadence}")
     print(f"CPU % of one core while measuring: {cpu} (the embedded broker's fetch lists every stored batch of "
           "a partition, so its cost grows with the partition)")
