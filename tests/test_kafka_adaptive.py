@@ -148,3 +148,48 @@ def test_one_starved_partition_widens_the_wait_while_another_keeps_flowing():
         finally:
             stop.set()
             th.join(5)
+
+
+def test_a_trickling_partition_far_behind_widens_only_when_the_application_keeps_up():
+    """tansu can answer a long partition with a record per fetch (measured at a 64 ms wait under
+    load): never silent for starve_behind_s, never catching up. Far behind, fewer than caught_up_lag
+    messages in starve_behind_s is starvation when the application drained what it had; when the
+    application is the limit (consume() calls return full batches) it is not."""
+    from types import SimpleNamespace
+
+    class Msg:
+        def __init__(self, off):
+            self.off = off
+
+        def error(self):
+            return None
+
+        def topic(self):
+            return "long"
+
+        def partition(self):
+            return 0
+
+        def offset(self):
+            return self.off
+
+    def consumer(full_batches: bool):
+        ac = AdaptiveConsumer(consumer_config("127.0.0.1:1", "trickle", **{"fetch.wait.max.ms": 4}))
+        ac.assign([TopicPartition("long", 0, 0)])
+        real = ac._c
+        real.close()
+        ac._c = SimpleNamespace(get_watermark_offsets=lambda tp, cached: (0, 100_000), close=lambda: None,
+                                consume=None, assign=lambda parts: None)
+        ac._make = lambda conf: ac._c
+        off = iter(range(10**6))
+        # a message per call; the application asks for 1 (full) or 1000 (drained) at a time
+        ac._c.consume = lambda n, t: [Msg(next(off))]
+        return ac, (1 if full_batches else 1000)
+
+    for full, widens in ((False, True), (True, False)):
+        ac, ask = consumer(full)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < ac.starve_behind_s + 1.0 and ac.rebuilds == 0:
+            ac.consume(ask, 0)
+            time.sleep(0.01)
+        assert (ac.rebuilds == 1 and ac.wait_ms == 16) == widens, (full, ac.rebuilds, ac.wait_ms)

@@ -68,7 +68,8 @@ class AdaptiveConsumer:
     position: near the tail, the broker's average round trip (librdkafka statistics, every second)
     above twice the wait sets the wait to ``rtt_factor`` x the round trip, so listings take a bounded
     share of the broker; and a partition with messages below its high watermark and none handed out for
-    ``starve_s`` (``starve_behind_s`` when the consumer is far behind and other partitions flow)
+    ``starve_s`` (``starve_behind_s`` when the consumer is far behind and other partitions flow), or
+    far behind handing out only a trickle while the application keeps up (``trickling``),
     multiplies it by 4. Both stop at ``max_wait_ms``. After ``relax_s`` caught up (less than ``caught_up_lag``
     behind) it returns to the configured wait; widening again soon after doubles ``relax_s`` (the
     partition has outgrown the short wait: stop flapping). On Kafka or Redpanda neither signal fires
@@ -97,6 +98,10 @@ class AdaptiveConsumer:
         self._paused: set[tuple[str, int]] = set()
         self._last_data = time.monotonic()
         self._data_at: dict[tuple[str, int], float] = {}  # when each partition last handed out a message
+        # per partition over the current far-behind window: [start, messages handed out]; and per
+        # consumer: [calls, calls that drained librdkafka's queue (fewer messages than asked for)]
+        self._progress: dict[tuple[str, int], list] = {}
+        self._calls = [0, 0]
         self._assigned_at = time.monotonic()
         self._starve_check_at = 0.0
         self._caught_up_since: float | None = None
@@ -132,8 +137,10 @@ class AdaptiveConsumer:
         self._next = {}
         self._paused = set()
         self._c.assign(partitions)
-        self._last_data = self._assigned_at = time.monotonic()
+        self._last_data = self._assigned_at = now = time.monotonic()
         self._data_at = {}
+        self._progress = {k: [now, 0] for k in self._start}
+        self._calls = [0, 0]
 
     def pause(self, partitions) -> None:
         self._paused |= {(tp.topic, tp.partition) for tp in partitions}
@@ -145,16 +152,21 @@ class AdaptiveConsumer:
         now = time.monotonic()
         for tp in partitions:  # a paused partition did not starve
             self._data_at[(tp.topic, tp.partition)] = now
+            self._progress[(tp.topic, tp.partition)] = [now, 0]
 
     def consume(self, num_messages: int = 1, timeout: float = -1):
         msgs = self._c.consume(num_messages, timeout)
         now = time.monotonic()
         got = False
+        self._calls[0] += 1
+        self._calls[1] += len(msgs) < num_messages
         for m in msgs:
             if m.error() is None:
                 key = (m.topic(), m.partition())
                 self._next[key] = m.offset() + 1
                 self._data_at[key] = now
+                if key in self._progress:
+                    self._progress[key][1] += 1
                 got = True
         if got:
             self._last_data = now
@@ -179,6 +191,31 @@ class AdaptiveConsumer:
                 pos = low  # assigned at the beginning and nothing handed out yet
             if high >= 0 and pos >= 0 and high > pos:
                 out.append(key)
+        return out
+
+    def trickling(self, now: float) -> list[tuple[str, int]]:
+        """Unpaused partitions at least ``caught_up_lag`` behind that handed out fewer than
+        ``caught_up_lag`` messages over the last ``starve_behind_s`` while the application drained
+        what librdkafka had (most consume() calls got fewer messages than asked for): the broker, not
+        the application, is the limit. tansu in a half-starved state answers such a partition with a
+        record or two per fetch (measured: 1 per fetch at a 64 ms wait on a partition of 30k
+        batches), so it never goes silent for ``starve_behind_s`` and would never catch up."""
+        from confluent_kafka import TopicPartition
+
+        calls, drained = self._calls
+        if now - min((p[0] for p in self._progress.values()), default=now) < self.starve_behind_s:
+            return []
+        out = []
+        for key, start in self._start.items():
+            since, count = self._progress.setdefault(key, [now, 0])
+            if key in self._paused or now - since < self.starve_behind_s:
+                continue
+            self._progress[key] = [now, 0]
+            high = self._c.get_watermark_offsets(TopicPartition(*key), cached=True)[1]
+            pos = self._next.get(key, start)
+            if pos >= 0 and high - pos >= self.caught_up_lag > count and 2 * drained >= calls > 0:
+                out.append(key)
+        self._calls = [0, 0]
         return out
 
     def poll(self, timeout: float = -1):
@@ -214,17 +251,20 @@ class AdaptiveConsumer:
                         f"the broker's round trip ({rtt:.0f} ms) outgrew the wait")
         elif self.wait_ms < self.max_wait_ms and now >= self._starve_check_at:
             self._starve_check_at = now + self.starve_s / 4  # a watermark lookup per partition: not every call
-            starved = self.starved(now)
+            starved, behind = self.starved(now), not self._near_tail()
             # nothing at all for starve_s, or one partition left out near the tail while the others
             # flow: widen. Far behind, a partition left out of a few responses is normal (byte
             # limits, an application busy with its last batch) and widening at once only slows the
-            # catch-up (measured: 571 instead of ~30k events/s), so there it must starve longer.
-            if starved and not (now - self._last_data >= self.starve_s or self._near_tail()):
+            # catch-up (measured: 571 instead of ~30k events/s), so there it must starve longer, or
+            # trickle while the application keeps up.
+            if starved and behind and now - self._last_data < self.starve_s:
                 starved = self.starved(now, self.starve_behind_s)
+            how = "answered empty for"
+            if not starved and behind:
+                starved, how = self.trickling(now), "trickled"
             if starved:
                 self._widen(now, min(self.max_wait_ms, self.wait_ms * 4),
-                            f"the broker answered empty for {starved[0][0]}[{starved[0][1]}] while messages "
-                            "were waiting")
+                            f"the broker {how} {starved[0][0]}[{starved[0][1]}] while messages were waiting")
                 return
         if got and self.wait_ms != self.base_wait:
             if self._near_tail():
@@ -263,5 +303,7 @@ class AdaptiveConsumer:
             self._c.pause(paused)
         self._last_data = now = time.monotonic()
         self._data_at = {k: now for k in self._start}  # a fresh consumer: give every partition starve_s
+        self._progress = {k: [now, 0] for k in self._start}
+        self._calls = [0, 0]
         self._caught_up_since = None
         self.rebuilds += 1
