@@ -38,6 +38,7 @@ from api.sse import EventHub
 from api.store import ALERTS, CANDLES, OUTCOMES, PREDICTIONS, Store
 from api.window import MINUTE_MS, MinuteObs, SymbolHistory, assemble_window
 from flows.targets import DEFAULT_FLAT_THRESHOLD
+from tickcast.kafka import consume_ready
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError
 from tickcast.topics import CONTROL, DEAD_LETTER, FEATURES_LIVE, SIGNALS_LIVE
@@ -274,7 +275,7 @@ class PredictionService:
             self.caught_up.set()
         while not self._stop.is_set():
             try:
-                msgs = self.consumer.consume(num_messages=500, timeout=0.05)
+                msgs = consume_ready(self.consumer, 500, 0.05)
             except Exception as exc:
                 self.loop_error = f"consume: {exc}"
                 self._stop.wait(0.5)

@@ -52,7 +52,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
     from confluent_kafka import Consumer
 
     from tickcast.broker import EmbeddedBroker, free_port
-    from tickcast.kafka import assign_all, consumer_config
+    from tickcast.kafka import assign_all, consume_ready, consumer_config
     from tickcast.serde import Serde
     from tickcast.topics import FEATURES_LIVE
 
@@ -87,7 +87,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
             while time.monotonic() < end:
                 if cpu0 is None and time.monotonic() >= warm_until:
                     cpu0 = {n: _cpu_s(pid) for n, pid in _pids(broker, procs).items()}, time.monotonic()
-                for m in consumer.consume(500, 0.1):
+                for m in consume_ready(consumer, 500, 0.1):
                     if m.error():
                         continue
                     arrived = time.time_ns() // 1000

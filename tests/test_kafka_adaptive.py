@@ -193,3 +193,28 @@ def test_a_trickling_partition_far_behind_widens_only_when_the_application_keeps
             ac.consume(ask, 0)
             time.sleep(0.01)
         assert (ac.rebuilds == 1 and ac.wait_ms == 16) == widens, (full, ac.rebuilds, ac.wait_ms)
+
+
+def test_consume_ready_returns_when_a_message_is_there_not_when_the_batch_is_full():
+    """confluent-kafka's consume(n, timeout) waits for n messages or the timeout: a latency path that
+    asks for a batch at a trickle sits out the whole timeout. consume_ready hands over what is there."""
+    from tickcast.kafka import consume_ready
+
+    with EmbeddedBroker(topics=(TopicSpec("hop", (), 1),)) as broker:
+        p = Producer(producer_config(broker.bootstrap))
+        c = Consumer(consumer_config(broker.bootstrap, "ready"))
+        c.assign([TopicPartition("hop", 0, 0)])
+        assert consume_ready(c, 100, 0.2) == []  # nothing there: waits the timeout, returns empty
+        def first_message_after(fetch) -> float:
+            p.produce("hop", b"x")
+            p.flush(5)
+            t0 = time.monotonic()
+            got = []
+            while not got and time.monotonic() - t0 < 5:
+                got = [m for m in fetch() if m.error() is None]
+            assert len(got) == 1
+            return time.monotonic() - t0
+
+        assert first_message_after(lambda: c.consume(100, 1.0)) >= 0.9  # sat out the timeout
+        assert first_message_after(lambda: consume_ready(c, 100, 1.0)) < 0.5
+        c.close()

@@ -56,6 +56,20 @@ def assign_all(consumer, topics: list[str], *, from_beginning: bool = True, time
     consumer.assign(parts)
 
 
+def consume_ready(consumer, num_messages: int, timeout: float) -> list:
+    """Up to ``num_messages`` messages, returning as soon as any is there (waiting at most ``timeout``
+    for the first). ``Consumer.consume(n, timeout)`` waits for n messages *or* the timeout, so at a
+    feature's trickle every call sat out the whole timeout: measured, ``consume(100, 0.05)`` put a
+    uniform 0-50 ms on a 3 ms broker hop."""
+    msgs = consumer.consume(num_messages, 0)
+    if msgs or timeout <= 0:
+        return msgs
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first] + consumer.consume(num_messages - 1, 0) if num_messages > 1 else [first]
+
+
 class AdaptiveConsumer:
     """A confluent-kafka ``Consumer`` (assign mode) that widens its fetch wait when the broker is slow
     to answer or starves it, and narrows it back once caught up.
