@@ -180,6 +180,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="latency measurement time (wall)")
     p.add_argument("--backlog-s", type=float, default=300.0, help="exchange seconds of backlog per symbol")
     a = p.parse_args()
+    from flows.engine import EngineConfig
+    from flows.registry import load_registry
+
+    hold_s = EngineConfig.from_registry(load_registry()).seq_hold_ms / 1000
+    if a.backlog_s < 2 * hold_s:  # the first release waits for the gw_seq hold, which a backlog must outlast
+        p.error(f"--backlog-s must be at least {2 * hold_s:.0f} (twice the registry's gw_seq hold of {hold_s:.0f} s)")
     with tempfile.TemporaryDirectory(prefix="tickcast-bench-") as tmp:
         work = Path(tmp)
         lat, per_cadence, cpu = latency(a.seconds, work)
