@@ -137,7 +137,7 @@ def write_day(lake: Lake, hours: int, symbols: list[str]) -> int:
     total = 0
     for h in tqdm(range(hours), desc="generate + write", unit="h"):
         by_table: dict[str, list] = {}
-        for sym, g in gens.items():
+        for g in gens.values():
             for name, rec in g.hour(DAY0 + h * HOUR):
                 topic = RAW_TOPIC_OF[name]
                 table = TABLE_OF_TOPIC[topic]

@@ -117,7 +117,7 @@ def backfill(symbols: str = typer.Option(None, help="comma-separated; default TI
         typer.echo(f"backfill failed: {exc}", err=True)
         raise typer.Exit(1) from None
     if out_dir is not None:
-        for sym, (rows, fund) in got.items():
+        for sym, (rows, _fund) in got.items():
             path = out_dir / f"{sym}_{interval}_{start_ms}_{end_ms}.csv"
             with open(path, "w", newline="") as fh:
                 w = csv.writer(fh)

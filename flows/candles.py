@@ -9,7 +9,7 @@ rows were evaluated: the same candles give bit-identical variates online and off
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -249,7 +249,7 @@ def load_candles(lake: Lake, symbol: str, lo: int, hi: int, *, version: int | No
     grid = np.arange(lo, hi, MINUTE_MS, dtype=np.int64)
     n = len(grid)
     cols = ["start_ts", "open", "high", "low", "close", "volume", "venue", "gw_seq", "exchange_ts", "recv_ts"]
-    expr = ((pc.field("interval") == "1") & (pc.field("confirm") == True)
+    expr = ((pc.field("interval") == "1") & pc.field("confirm")
             & (pc.field("start_ts") >= lo) & (pc.field("start_ts") < hi))
     if venues:
         expr = expr & pc.field("venue").isin(list(venues))

@@ -47,7 +47,7 @@ class EngineConfig:
     tile_history_s: int = 301  # closed 1-second tiles kept (longest tile window + 1)
 
     @classmethod
-    def from_registry(cls, reg: Registry) -> "EngineConfig":
+    def from_registry(cls, reg: Registry) -> EngineConfig:
         known = cls.__dataclass_fields__
         bad = set(reg.config) - set(known)
         if bad:
@@ -346,7 +346,7 @@ class Candles:
 class WindowContext:
     __slots__ = ("engine", "window_end", "cadence", "tiles", "book", "values", "point", "_aggs", "_candles", "_news")
 
-    def __init__(self, engine: "SymbolEngine", window_end: int):
+    def __init__(self, engine: SymbolEngine, window_end: int):
         self.engine = engine
         self.window_end = window_end
         self.tiles = engine.tiles

@@ -10,9 +10,10 @@ evaluation order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 from flows.candles import KLINE_VARIATES, KLINE_WARMUP, MINUTE_MS
 

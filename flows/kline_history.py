@@ -284,7 +284,7 @@ def read_funding_csv(path: str | Path, *, symbol: str | None = None, venue: str 
 def _existing_kline_keys(lake: Lake, symbol: str, interval: str, lo: int, hi: int) -> set[int]:
     dates = dates_between(lo - DAY_MS, hi + INTERVAL_MS[interval] + DAY_MS)
     at = lake.read("raw_kline", symbols=[symbol], dates=dates, columns=["start_ts"],
-                   filter=(pc.field("interval") == interval) & (pc.field("confirm") == True)
+                   filter=(pc.field("interval") == interval) & pc.field("confirm")
                    & (pc.field("start_ts") >= lo) & (pc.field("start_ts") <= hi))
     return set(at.column("start_ts").to_pylist())
 

@@ -9,8 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.avro_samples import sample, strategy
-from tickcast.serde import (SCHEMA_DIR, EncodeError, MalformedPayload, SchemaMismatch, Serde, SerdeError,
-                            UnknownSchema, load_schemas)
+from tickcast.serde import (
+    SCHEMA_DIR,
+    EncodeError,
+    MalformedPayload,
+    SchemaMismatch,
+    Serde,
+    SerdeError,
+    UnknownSchema,
+    load_schemas,
+)
 
 SCHEMAS = load_schemas()
 SERDE = Serde()

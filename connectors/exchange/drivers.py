@@ -520,7 +520,7 @@ class ReplayDriver(Driver):
     def rest_tickers(self, category, symbol):
         self._advance_state()
         out = []
-        for (cat, topic), st in sorted(self._tickers.items()):
+        for (cat, _topic), st in sorted(self._tickers.items()):
             if cat == category and (symbol is None or st.get("symbol") == symbol):
                 out.append(dict(st))
         if symbol and not out:

@@ -87,7 +87,10 @@ def params_for(inst: Instrument, price: str | None = None) -> Params:
         raise ValueError(f"no start price for {inst.symbol}: pass one (e.g. --price {inst.symbol}=1.23)")
     ticks = inst.to_ticks(price)
     notional_per_lot = float(price) * float(inst.qty_step)
-    lots_for = lambda usd: max(1, round(usd / notional_per_lot))
+
+    def lots_for(usd: float) -> int:
+        return max(1, round(usd / notional_per_lot))
+
     return Params(inst.px(ticks), 0.0006, level_lots=lots_for(3000), taker_rate=1.0, taker_lots=lots_for(800),
                   oi_lots=2 * lots_for(5e7))
 
