@@ -57,7 +57,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
     from tickcast.topics import FEATURES_LIVE
 
     serde = Serde()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     with EmbeddedBroker() as broker:
         env = {"KAFKA_BOOTSTRAP": broker.bootstrap, "TICKCAST_SOURCE": "local",
                "TICKCAST_GATEWAY_LOCAL_URL": f"http://127.0.0.1:{port}", "TICKCAST_SYMBOLS": ",".join(SYMBOLS),
@@ -68,7 +68,8 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
                    env, workdir / "exchange.log"),
             # as deployed: recovery on, a snapshot of every symbol's engine every 5 s
             _spawn([sys.executable, "-m", "flows.online_features", "--bootstrap", broker.bootstrap,
-                    "--recovery-dir", str(workdir / "recovery")], env, workdir / "flow.log"),
+                    "--recovery-dir", str(workdir / "recovery"), "--metrics-port", str(metrics_port)],
+                   env, workdir / "flow.log"),
         ]
         time.sleep(2.0)
         procs.append(_spawn([sys.executable, "-m", "tickcast.cli", "gateway", "--metrics-port", "0"], env,
@@ -76,6 +77,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
         consumer = Consumer(consumer_config(broker.bootstrap, "bench-latency"))
         assign_all(consumer, [FEATURES_LIVE], from_beginning=False)
         lat: list[float] = []
+        hop0 = hop = None
         to_emit: list[float] = []  # gateway receive -> the flow's sink (gateway, broker, source, engine)
         from_emit: list[float] = []  # the flow's sink -> this consumer (the output hop)
         per_cadence: dict[str, int] = {}
@@ -87,6 +89,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
             while time.monotonic() < end:
                 if cpu0 is None and time.monotonic() >= warm_until:
                     cpu0 = {n: _cpu_s(pid) for n, pid in _pids(broker, procs).items()}, time.monotonic()
+                    hop0 = _histogram(metrics_port, "tickcast_features_source_delay_seconds")
                 for m in consume_ready(consumer, 500, 0.1):
                     if m.error():
                         continue
@@ -102,6 +105,7 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
                     if p.poll() is not None:
                         raise RuntimeError(f"{p.args[:4]} exited with {p.returncode}; see {workdir}")
             if cpu0 is not None:
+                hop = _histogram(metrics_port, "tickcast_features_source_delay_seconds", hop0)
                 wall = time.monotonic() - cpu0[1]
                 cpu = {n: round(100 * (_cpu_s(pid) - cpu0[0][n]) / wall) for n, pid in _pids(broker, procs).items()}
         finally:
@@ -116,7 +120,45 @@ def latency(seconds: float, workdir: Path) -> tuple[list[float], dict, dict]:
     print(f"  receive -> flow sink ms: p50={_percentile(to_emit, .5):.2f} p99={_percentile(to_emit, .99):.2f}; "
           f"flow sink -> consumer ms: p50={_percentile(from_emit, .5):.2f} p99={_percentile(from_emit, .99):.2f}"
           if lat else "")
+    if hop:  # how much of receive -> sink is the broker hop of the raw events (the rest: merge, engine)
+        print(f"  receive -> read by the flow's source ms (per fetch, from the flow's histogram): "
+              f"p50~{_bucket_quantile(hop, .5):.1f} p99~{_bucket_quantile(hop, .99):.1f}")
     return lat, per_cadence, cpu
+
+
+def _histogram(port: int, name: str, minus: dict | None = None) -> dict | None:
+    """Cumulative bucket counts {upper bound s: count} of a Prometheus histogram scraped from the
+    flow's /metrics, less ``minus`` (an earlier scrape); None when it cannot be read."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name + "_bucket":
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0) + s.value - ((minus or {}).get(le, 0))
+    return out or None
+
+
+def _bucket_quantile(buckets: dict, q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket holding the q-th observation (ms)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return float("nan")
+    rank, lo, below = q * total, 0.0, 0.0
+    for b in bounds:
+        if buckets[b] >= rank:
+            if b == float("inf"):
+                return lo * 1000
+            return (lo + (b - lo) * (rank - below) / max(buckets[b] - below, 1e-9)) * 1000
+        lo, below = b, buckets[b]
+    return lo * 1000
 
 
 def _pids(broker, procs) -> dict[str, int]:

@@ -34,7 +34,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from flows.dataflow import DEAD_LETTER_KEY
-from flows.metrics import LATENCY
+from flows.metrics import LATENCY, SOURCE_DELAY
 from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError, default_serde
@@ -118,6 +118,7 @@ class _RawPartition(StatefulSourcePartition):
     def _read(self) -> None:
         msgs = self.consumer.consume(self.batch_size, 0)
         decode = self.serde.decode_any
+        oldest_recv = None
         for m in msgs:
             if m.error() is not None:
                 log.warning("kafka error", extra={"error": str(m.error())})
@@ -134,9 +135,14 @@ class _RawPartition(StatefulSourcePartition):
                     (m.key() or b"").decode("utf-8", "replace") or None)))
                 continue
             ts = rec["exchange_ts"]
+            recv = rec.get("recv_ts")
+            if recv is not None and (oldest_recv is None or recv < oldest_recv):
+                oldest_recv = recv
             if ts > self.last_ts.get(topic, -1):
                 self.last_ts[topic] = ts
             self.queues[topic].append((ts, m.offset(), name, rec))
+        if oldest_recv is not None:
+            SOURCE_DELAY.observe(max(0, self.now_us() - oldest_recv) / 1e6)
 
     def _frontier(self, unknown: set[str] = frozenset()) -> float:
         """Exchange time up to which every topic is known: the earliest queued message of any topic,

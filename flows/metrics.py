@@ -20,6 +20,10 @@ BOOK_VALID = Gauge("tickcast_features_book_valid", "1 when the symbol's order bo
 LATENCY = Histogram("tickcast_features_latency_seconds",
                     "receive time of the event that closed a window -> the vector handed to Kafka",
                     ["cadence"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+SOURCE_DELAY = Histogram("tickcast_features_source_delay_seconds",
+                         "gateway receive -> read by the flow's source: the raw topics' broker hop (the oldest "
+                         "message of each read, so one observation per fetch, not per event)",
+                         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 
 _exported: dict[tuple[str, str], int] = {}
 _holes: dict[str, int] = {}
