@@ -74,6 +74,7 @@ class ArchiveConfig:
     stop_at_end: bool = False  # archive up to the current end of every partition, then exit
     serde: Any = None  # tickcast.serde.Serde; default: default_serde()
     retention_days: int | None = None  # run the lake's retention once per UTC day (None: never)
+    compact_every_s: float | None = 900.0  # rewrite the recent small files sorted (None: never)
     data_dir: str | None = None  # where the datasets (versions to keep) and the last retention date live
 
     def __post_init__(self):
@@ -287,19 +288,24 @@ class BronzeWriter:
 
 
 class RetentionSchedule:
-    """The lake's retention (``Lake.retention``: expire, compact closed days, vacuum) once per UTC
-    day, run by the archive between two micro-batches so that it never races the archive's own
-    commits. The date of the last run is kept in ``state_path``: an archive restarted the same day
-    does not run it again. A failed run is logged and tried again an hour later."""
+    """The lake's upkeep, run by the archive between two micro-batches so that it never races the
+    archive's own commits: every ``compact_every_s`` the recent small files are rewritten sorted
+    (``Lake.compact_recent``: a replay of the current day pays per file), and once per UTC day the
+    retention (``Lake.retention``: expire, compact closed days, vacuum; ``days=None``: never). The
+    date of the last retention is kept in ``state_path``: an archive restarted the same day does not
+    run it again. A failed run is logged and tried again an hour later (compaction: at its next turn)."""
 
     RETRY_S = 3_600.0
 
-    def __init__(self, lake: Lake, days: int, state_path: str | Path, keep_versions=lambda: {}, clock=time.time):
-        if days < 1:
+    def __init__(self, lake: Lake, days: int | None, state_path: str | Path, keep_versions=lambda: {},
+                 clock=time.time, compact_every_s: float | None = 900.0):
+        if days is not None and days < 1:
             raise ValueError("retention needs at least 1 day")
         self.lake, self.days, self.state_path = lake, days, Path(state_path)
         self.keep_versions, self.clock = keep_versions, clock
         self.next_try = 0.0
+        self.compact_every_s = compact_every_s
+        self.next_compact = clock() + (compact_every_s or 0)  # not at start-up: a restart loop never rewrites
         try:
             self.last_date = json.loads(self.state_path.read_text()).get("date")
         except (OSError, ValueError, AttributeError):
@@ -307,8 +313,17 @@ class RetentionSchedule:
 
     def maybe_run(self) -> dict | None:
         now = self.clock()
+        if self.compact_every_s and now >= self.next_compact:
+            self.next_compact = now + self.compact_every_s
+            t0 = time.monotonic()
+            try:
+                done = self.lake.compact_recent(now_ms=int(now * 1000))
+                log.info("recent files compacted", extra={"stage": "compaction", "counts": {
+                    "seconds": round(time.monotonic() - t0, 2), "partitions": sum(map(len, done.values()))}})
+            except Exception as exc:  # a lake problem must not stop the archiving
+                log.error("compaction of recent files failed", extra={"error": repr(exc)})
         today = date_of_ms(int(now * 1000))
-        if self.last_date == today or now < self.next_try:
+        if self.days is None or self.last_date == today or now < self.next_try:
             return None
         t0 = time.monotonic()
         try:
@@ -406,12 +421,13 @@ def build_flow(cfg: ArchiveConfig) -> Dataflow:
     keyed = op.key_on("by_partition_index", rows, lambda tr: f"p{tr[1]['kafka_partition']}")
     batches = micro_batch("micro_batch", keyed, timedelta(seconds=cfg.batch_seconds), cfg.batch_max_rows)
     retention = None
-    if cfg.retention_days:
+    if not cfg.stop_at_end:  # a long-running archive keeps the lake in shape; a one-shot catch-up does not
         from flows.datasets import referenced_versions
 
         data_dir = Path(cfg.data_dir or "data")
-        retention = RetentionSchedule(cfg.lake, cfg.retention_days, data_dir / "archive" / "retention.json",
-                                      keep_versions=lambda: referenced_versions(data_dir))
+        retention = RetentionSchedule(cfg.lake, cfg.retention_days or None, data_dir / "archive" / "retention.json",
+                                      keep_versions=lambda: referenced_versions(data_dir),
+                                      compact_every_s=cfg.compact_every_s)
     op.output("delta_bronze", batches, BronzeSink(cfg.lake, retention))
     return flow
 

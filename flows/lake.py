@@ -41,6 +41,7 @@ log = get_logger("lake")
 
 DAY_MS = 86_400_000
 PARTITION_BY = ["symbol", "date"]
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:-]+")  # a partition value that may go into a SQL predicate as is
 META_FIELDS = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_ts", "ingest", "date")
 DEAD_LETTER_TABLE = "raw_dead_letters"
 EXPIRED_DIR = "_expired"
@@ -292,16 +293,24 @@ class Lake:
         write_deltalake(self.uri(table), data, partition_by=PARTITION_BY, mode="append",
                         storage_options=self._opts, commit_properties=props)
 
-    def dataset(self, table: str, version: int | None = None):
-        """A pyarrow dataset of the table (None when it does not exist)."""
+    def dataset(self, table: str, version: int | None = None, *, symbols: Sequence[str] | None = None,
+                dates: Sequence[str] | None = None):
+        """A pyarrow dataset of the table (None when it does not exist), of the given partitions only:
+        building it costs per file (a live archive writes thousands a day per symbol, and building
+        the whole table's was 3/4 of a replay of 30 minutes of it)."""
         dt = self.table(table, version)
-        return None if dt is None else dt.to_pyarrow_dataset()
+        if dt is None:
+            return None
+        parts = [(k, "in", sorted(set(v))) for k, v in (("symbol", symbols), ("date", dates)) if v is not None]
+        if any(not v for _, _, v in parts):  # delta-rs cannot filter on an empty list: the caller's filter selects nothing
+            parts = []
+        return dt.to_pyarrow_dataset(file_pruning_predicate=parts or None)
 
     def read(self, table: str, *, symbols: Sequence[str] | None = None, dates: Sequence[str] | None = None,
              columns: Sequence[str] | None = None, filter=None, version: int | None = None) -> pa.Table:
         """Rows of a table with partition pruning on symbols/dates plus an optional pyarrow filter."""
 
-        ds = self.dataset(table, version)
+        ds = self.dataset(table, version, symbols=symbols, dates=dates)
         if ds is None:
             return BRONZE[table].arrow.empty_table().select(list(columns) if columns else BRONZE[table].arrow.names)
         expr = _partition_filter(symbols, dates)
@@ -313,7 +322,7 @@ class Lake:
                      dates: Sequence[str] | None = None, columns: Sequence[str] | None = None,
                      filter=None, version: int | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
         """Stream record batches (bounded memory) with partition pruning."""
-        ds = self.dataset(table, version)
+        ds = self.dataset(table, version, symbols=symbols, dates=dates)
         if ds is None:
             return iter(())
         expr = _partition_filter(symbols, dates)
@@ -388,6 +397,62 @@ class Lake:
                 "vacuumed": rep["vacuumed_files"]}})
         return report
 
+    def compact_recent(self, *, now_ms: int | None = None, tables: Iterable[str] | None = None,
+                       min_files: int = 64, small_bytes: int = 16 << 20) -> dict[str, list[str]]:
+        """Rewrite the small files of today's and yesterday's partitions as one file sorted by gw_seq
+        once ``min_files`` of them gather. The archive commits a file per partition per micro-batch
+        (thousands a day per symbol) and a replay pays per file: a 30-minute archive of 4 symbols
+        (14,000 files) replayed at 3,500 events/s, against 50,000 on compacted days. Closed days are
+        z-ordered by ``retention``. The rows replaced are exactly the partition's rows in the small
+        files' gw_seq range (a bigger file's rows in that range too), in one atomic overwrite, so
+        nothing is lost or doubled whatever the layout; the Kafka offsets the archive resumes from
+        (app transactions) are untouched. Returns ``{table: ["SYMBOL/date", ...]}``."""
+        import pyarrow.compute as pc
+        from deltalake import CommitProperties, write_deltalake
+
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        recent = {date_of_ms(now_ms), date_of_ms(now_ms - DAY_MS)}
+        done: dict[str, list[str]] = {}
+        for name in tables if tables is not None else BRONZE:
+            dt = self.table(name)
+            if dt is None:
+                continue
+            add = pa.table(dt.get_add_actions(flatten=True))
+            if add.num_rows == 0:
+                continue
+            small: dict[tuple[str | None, str], list[tuple]] = {}
+            cols = add.column_names
+            mins = add.column("min.gw_seq").to_pylist() if "min.gw_seq" in cols else [None] * add.num_rows
+            maxs = add.column("max.gw_seq").to_pylist() if "max.gw_seq" in cols else [None] * add.num_rows
+            for sym, date, size, mn, mx in zip(add.column("partition.symbol").to_pylist(),
+                                               add.column("partition.date").to_pylist(),
+                                               add.column("size_bytes").to_pylist(), mins, maxs):
+                if date in recent and size < small_bytes:
+                    small.setdefault((sym, date), []).append((mn, mx))
+            for (sym, date), files in sorted(small.items(), key=lambda kv: (kv[0][1], kv[0][0] or "")):
+                if len(files) < min_files:
+                    continue
+                if not BRONZE[name].has_gw_seq or sym is None or any(mn is None or mx is None for mn, mx in files):
+                    filters = [("date", "=", date)] + ([("symbol", "=", sym)] if sym is not None else [])
+                    dt.optimize.compact(partition_filters=filters)  # no replay order to keep
+                elif _SAFE_VALUE.fullmatch(sym) and _SAFE_VALUE.fullmatch(date):
+                    lo, hi = min(mn for mn, _ in files), max(mx for _, mx in files)
+                    rows = self.read(name, symbols=[sym], dates=[date],
+                                     filter=(pc.field("gw_seq") >= lo) & (pc.field("gw_seq") <= hi))
+                    rows = rows.take(pc.sort_indices(rows, [("gw_seq", "ascending")]))  # stable
+                    write_deltalake(self.uri(name), rows, partition_by=PARTITION_BY, mode="overwrite",
+                                    predicate=f"symbol = '{sym}' AND date = '{date}' AND gw_seq >= {int(lo)} "
+                                              f"AND gw_seq <= {int(hi)}",
+                                    storage_options=self._opts,
+                                    commit_properties=CommitProperties(max_commit_retries=50))
+                else:
+                    continue
+                done.setdefault(name, []).append(f"{sym}/{date}")
+                dt = self.table(name)
+            if name in done:
+                log.info("compacted recent files", extra={"table": name, "counts": {"partitions": len(done[name])}})
+        return done
+
     def _compact_closed_days(self, name: str, dt, today: str) -> list[str]:
         add = pa.table(dt.get_add_actions(flatten=True))
         if add.num_rows == 0:
@@ -413,8 +478,8 @@ def _partition_filter(symbols: Sequence[str] | None, dates: Sequence[str] | None
 
     expr = None
     if symbols is not None:
-        expr = pc.field("symbol").isin(list(symbols))
+        expr = pc.field("symbol").isin(pa.array(list(symbols), pa.string()))  # typed: an empty list too
     if dates is not None:
-        d = pc.field("date").isin(list(dates))
+        d = pc.field("date").isin(pa.array(list(dates), pa.string()))
         expr = d if expr is None else (expr & d)
     return expr

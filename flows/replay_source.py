@@ -205,7 +205,8 @@ def plan_files(lake: Lake, symbol: str, from_date_ms: int, end_ms: int, lo_seq: 
             stats[path] = (mn, mx, add.column("num_records")[i].as_py())
         if not stats:
             continue
-        ds = dt.to_pyarrow_dataset()
+        dates = sorted({d for d in add.column("partition.date").to_pylist() if d and lo_date <= d <= hi_date})
+        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("symbol", "=", symbol), ("date", "in", dates)])
         for frag in ds.get_fragments(filter=(pads.field("symbol") == symbol)):
             rel = _relative(frag.path, stats)
             if rel not in stats:
@@ -272,7 +273,7 @@ def merged_events(lake: Lake, symbol: str, start_ms: int, end_ms: int, *, versio
             all_items = list(chain.from_iterable(s.recs[a:b] for s, a, b in parts))
             items = [all_items[i] for i in order]
             ets = np.concatenate([s.ets[a:b] for s, a, b in parts])[order]
-        for s, a, b in parts:
+        for s, _a, b in parts:
             s.pos = b
         past = np.flatnonzero(ets >= end_ms)
         if len(past):

@@ -308,3 +308,29 @@ def test_retention_runs_once_a_utc_day_from_the_archive_sink(tmp_path):
     assert bad.maybe_run() is None and calls == [1, 1]
     with pytest.raises(ValueError):
         RetentionSchedule(lake, 0, state)
+
+
+def test_the_archive_sink_compacts_recent_small_files_every_interval(tmp_path):
+    """Between micro-batches, every compact_every_s (not at start-up), the recent small files are
+    rewritten (Lake.compact_recent); without retention days no retention runs."""
+    import pyarrow as pa
+
+    from flows.archive import RetentionSchedule, _BronzeSinkPartition
+    from tests.test_lake import D0, _fill
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.ensure_tables(["raw_trades"])
+    _fill(lake, days=1, per_day=140, files_per_day=70)
+    now = [(D0 + 3_600_000) / 1000]
+
+    def nfiles():
+        return pa.table(lake.table("raw_trades").get_add_actions(flatten=True)).num_rows
+
+    sink = _BronzeSinkPartition(lake, RetentionSchedule(lake, None, tmp_path / "r.json", clock=lambda: now[0],
+                                                        compact_every_s=900))
+    sink.write_batch([])
+    assert nfiles() == 70  # not at start-up
+    now[0] += 901
+    sink.write_batch([])
+    assert nfiles() == 1 and lake.read("raw_trades").num_rows == 140
+    assert not (tmp_path / "r.json").exists()  # no retention without retention days

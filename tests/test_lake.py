@@ -134,3 +134,55 @@ def test_retention_rejects_bad_arguments(tmp_path):
         lake.retention(3, tables=["nope"])
     with pytest.raises(ValueError):
         lake.uri("../etc")
+
+
+def test_compact_recent_rewrites_the_small_files_sorted_and_keeps_every_row_and_offset(tmp_path):
+    """The archive writes a file per partition per micro-batch; a replay pays per file. The recent
+    days' small files are rewritten as one file sorted by gw_seq: the same rows, the same replay,
+    the same Kafka offsets to resume from; a partition with fewer than min_files is left alone."""
+    import numpy as np
+    import pyarrow as pa
+
+    from flows.replay_source import merged_events
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.ensure_tables(["raw_trades"])
+    last_offset = _fill(lake, days=3, per_day=140, files_per_day=70)  # interleaved gw_seq ranges
+    lake.append("raw_trades", rows_to_arrow(BRONZE["raw_trades"], [with_meta(
+        BRONZE["raw_trades"], _trade("ETHUSDT", 0, D0 + 2 * DAY_MS), topic="market.trades", partition=1,
+        offset=0, kafka_ts=None, ingest="kafka")]), offsets={("market.trades", 1): 0})
+
+    def rows():
+        t = lake.read("raw_trades")
+        return t.drop_columns([c for c in t.column_names if c.startswith("__")]).sort_by(
+            [("symbol", "ascending"), ("gw_seq", "ascending")])
+
+    def replayed():
+        return [r for chunk in merged_events(lake, "BTCUSDT", D0, D0 + 3 * DAY_MS, tables=("raw_trades",))
+                for r in chunk]
+
+    def files():
+        add = pa.table(lake.table("raw_trades").get_add_actions(flatten=True))
+        return sorted(zip(add.column("partition.symbol").to_pylist(), add.column("partition.date").to_pylist(),
+                          add.column("path").to_pylist()))
+
+    before_rows, before_replay, before_files = rows(), replayed(), files()
+    now = D0 + 2 * DAY_MS + 3_600_000  # day 3, 01:00: days 2 and 3 are recent, day 1 is closed
+    done = lake.compact_recent(now_ms=now, min_files=64)
+    assert done == {"raw_trades": ["BTCUSDT/2026-08-02", "BTCUSDT/2026-08-03"]}
+    after = files()
+    by_part = {}
+    for sym, date, path in after:
+        by_part.setdefault((sym, date), []).append(path)
+    assert len(by_part[("BTCUSDT", "2026-08-02")]) == len(by_part[("BTCUSDT", "2026-08-03")]) == 1
+    assert by_part[("BTCUSDT", "2026-08-01")] == [p for s, d, p in before_files if (s, d) == ("BTCUSDT", "2026-08-01")]
+    assert by_part[("ETHUSDT", "2026-08-03")] == [p for s, d, p in before_files if s == "ETHUSDT"]  # 1 < 64 files
+    for date in ("2026-08-02", "2026-08-03"):
+        seq = pq.read_table(str(tmp_path / "lake" / "raw_trades" / by_part[("BTCUSDT", date)][0]),
+                            columns=["gw_seq"]).column("gw_seq").to_numpy()
+        assert len(seq) == 140 and np.all(np.diff(seq) > 0)
+    assert rows().equals(before_rows)
+    assert replayed() == before_replay
+    assert lake.committed_offset("raw_trades", "market.trades", 0) == last_offset - 1
+    assert lake.committed_offset("raw_trades", "market.trades", 1) == 0
+    assert lake.compact_recent(now_ms=now, min_files=64) == {}  # nothing small left
