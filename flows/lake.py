@@ -398,7 +398,8 @@ class Lake:
         return report
 
     def compact_recent(self, *, now_ms: int | None = None, tables: Iterable[str] | None = None,
-                       min_files: int = 64, small_bytes: int = 16 << 20) -> dict[str, list[str]]:
+                       min_files: int = 64, small_bytes: int = 16 << 20,
+                       max_rows: int = 2_000_000) -> dict[str, list[str]]:
         """Rewrite the small files of today's and yesterday's partitions as one file sorted by gw_seq
         once ``min_files`` of them gather. The archive commits a file per partition per micro-batch
         (thousands a day per symbol) and a replay pays per file: a 30-minute archive of 4 symbols
@@ -406,7 +407,9 @@ class Lake:
         z-ordered by ``retention``. The rows replaced are exactly the partition's rows in the small
         files' gw_seq range (a bigger file's rows in that range too), in one atomic overwrite, so
         nothing is lost or doubled whatever the layout; the Kafka offsets the archive resumes from
-        (app transactions) are untouched. Returns ``{table: ["SYMBOL/date", ...]}``."""
+        (app transactions) are untouched. At most about ``max_rows`` rows per partition and call (the
+        oldest small files first; the next call goes on), so memory stays bounded after an outage.
+        Returns ``{table: ["SYMBOL/date", ...]}``."""
         import pyarrow.compute as pc
         from deltalake import CommitProperties, write_deltalake
 
@@ -424,19 +427,31 @@ class Lake:
             cols = add.column_names
             mins = add.column("min.gw_seq").to_pylist() if "min.gw_seq" in cols else [None] * add.num_rows
             maxs = add.column("max.gw_seq").to_pylist() if "max.gw_seq" in cols else [None] * add.num_rows
-            for sym, date, size, mn, mx in zip(add.column("partition.symbol").to_pylist(),
-                                               add.column("partition.date").to_pylist(),
-                                               add.column("size_bytes").to_pylist(), mins, maxs):
+            for sym, date, size, mn, mx, n in zip(add.column("partition.symbol").to_pylist(),
+                                                  add.column("partition.date").to_pylist(),
+                                                  add.column("size_bytes").to_pylist(), mins, maxs,
+                                                  add.column("num_records").to_pylist()):
                 if date in recent and size < small_bytes:
-                    small.setdefault((sym, date), []).append((mn, mx))
+                    small.setdefault((sym, date), []).append((mn, mx, n or 0))
             for (sym, date), files in sorted(small.items(), key=lambda kv: (kv[0][1], kv[0][0] or "")):
                 if len(files) < min_files:
                     continue
-                if not BRONZE[name].has_gw_seq or sym is None or any(mn is None or mx is None for mn, mx in files):
+                if not BRONZE[name].has_gw_seq or sym is None or any(mn is None or mx is None for mn, mx, _ in files):
                     filters = [("date", "=", date)] + ([("symbol", "=", sym)] if sym is not None else [])
                     dt.optimize.compact(partition_filters=filters)  # no replay order to keep
                 elif _SAFE_VALUE.fullmatch(sym) and _SAFE_VALUE.fullmatch(date):
-                    lo, hi = min(mn for mn, _ in files), max(mx for _, mx in files)
+                    files.sort()
+                    chosen, rows_n = [], 0
+                    for f in files:  # the oldest first, up to max_rows
+                        if chosen and rows_n + f[2] > max_rows:
+                            if len(chosen) > 1:
+                                break
+                            chosen, rows_n = [], 0  # a file full already: merging it alone is no progress
+                        chosen.append(f)
+                        rows_n += f[2]
+                    if len(chosen) < 2:
+                        continue
+                    lo, hi = min(f[0] for f in chosen), max(f[1] for f in chosen)
                     rows = self.read(name, symbols=[sym], dates=[date],
                                      filter=(pc.field("gw_seq") >= lo) & (pc.field("gw_seq") <= hi))
                     rows = rows.take(pc.sort_indices(rows, [("gw_seq", "ascending")]))  # stable

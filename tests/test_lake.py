@@ -186,3 +186,29 @@ def test_compact_recent_rewrites_the_small_files_sorted_and_keeps_every_row_and_
     assert lake.committed_offset("raw_trades", "market.trades", 0) == last_offset - 1
     assert lake.committed_offset("raw_trades", "market.trades", 1) == 0
     assert lake.compact_recent(now_ms=now, min_files=64) == {}  # nothing small left
+
+
+def test_compact_recent_bounds_the_rows_per_call_and_goes_on_at_the_next(tmp_path):
+    import pyarrow as pa
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.ensure_tables(["raw_trades"])
+    t = BRONZE["raw_trades"]
+    for k in range(100):  # 100 micro-batches of 2 consecutive gw_seq
+        rows = [with_meta(t, _trade("BTCUSDT", seq, D0 + seq * 1000), topic="market.trades", partition=0,
+                          offset=seq, kafka_ts=None, ingest="kafka") for seq in (2 * k, 2 * k + 1)]
+        lake.append("raw_trades", rows_to_arrow(t, rows), offsets={("market.trades", 0): 2 * k + 1})
+    before = lake.read("raw_trades").sort_by("gw_seq")
+    now = D0 + 3_600_000
+    sizes = []
+    for _ in range(5):
+        lake.compact_recent(now_ms=now, min_files=2, max_rows=60)
+        add = pa.table(lake.table("raw_trades").get_add_actions(flatten=True))
+        sizes.append(sorted(add.column("num_records").to_pylist(), reverse=True))
+    assert sizes[0] == [60] + [2] * 70  # the oldest 60 rows first
+    assert sizes[1] == [60, 60] + [2] * 40  # then the next 60 (a 60-row file is small too, but full)
+    assert sum(sizes[-1]) == 200 and len(sizes[-1]) <= 5
+    after = lake.read("raw_trades").sort_by("gw_seq")
+    assert after.drop_columns([c for c in after.column_names if c.startswith("__")]).equals(
+        before.drop_columns([c for c in before.column_names if c.startswith("__")]))
+    assert lake.committed_offset("raw_trades", "market.trades", 0) == 199
