@@ -174,7 +174,8 @@ def test_a_trickling_partition_far_behind_widens_only_when_the_application_keeps
             return self.off
 
     def consumer(full_batches: bool):
-        ac = AdaptiveConsumer(consumer_config("127.0.0.1:1", "trickle", **{"fetch.wait.max.ms": 4}))
+        ac = AdaptiveConsumer(consumer_config("127.0.0.1:1", "trickle", **{"fetch.wait.max.ms": 4}),
+                              starve_behind_s=1.0)
         ac.assign([TopicPartition("long", 0, 0)])
         real = ac._c
         real.close()
@@ -215,6 +216,6 @@ def test_consume_ready_returns_when_a_message_is_there_not_when_the_batch_is_ful
             assert len(got) == 1
             return time.monotonic() - t0
 
-        assert first_message_after(lambda: c.consume(100, 1.0)) >= 0.9  # sat out the timeout
-        assert first_message_after(lambda: consume_ready(c, 100, 1.0)) < 0.5
+        assert first_message_after(lambda: c.consume(100, 0.5)) >= 0.45  # sat out the timeout
+        assert first_message_after(lambda: consume_ready(c, 100, 0.5)) < 0.3
         c.close()
