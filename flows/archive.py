@@ -298,14 +298,15 @@ class RetentionSchedule:
     RETRY_S = 3_600.0
 
     def __init__(self, lake: Lake, days: int | None, state_path: str | Path, keep_versions=lambda: {},
-                 clock=time.time, compact_every_s: float | None = 900.0):
+                 clock=time.time, compact_every_s: float | None = 900.0, compact_first_s: float = 60.0):
         if days is not None and days < 1:
             raise ValueError("retention needs at least 1 day")
         self.lake, self.days, self.state_path = lake, days, Path(state_path)
         self.keep_versions, self.clock = keep_versions, clock
         self.next_try = 0.0
         self.compact_every_s = compact_every_s
-        self.next_compact = clock() + (compact_every_s or 0)  # not at start-up: a restart loop never rewrites
+        # a minute after start-up (not at once: a restarted archive first catches up), then every interval
+        self.next_compact = clock() + min(compact_first_s, compact_every_s or 0)
         try:
             self.last_date = json.loads(self.state_path.read_text()).get("date")
         except (OSError, ValueError, AttributeError):

@@ -311,8 +311,8 @@ def test_retention_runs_once_a_utc_day_from_the_archive_sink(tmp_path):
 
 
 def test_the_archive_sink_compacts_recent_small_files_every_interval(tmp_path):
-    """Between micro-batches, every compact_every_s (not at start-up), the recent small files are
-    rewritten (Lake.compact_recent); without retention days no retention runs."""
+    """Between micro-batches, a minute after start-up and then every compact_every_s, the recent small
+    files are rewritten (Lake.compact_recent); without retention days no retention runs."""
     import pyarrow as pa
 
     from flows.archive import RetentionSchedule, _BronzeSinkPartition
@@ -329,8 +329,15 @@ def test_the_archive_sink_compacts_recent_small_files_every_interval(tmp_path):
     sink = _BronzeSinkPartition(lake, RetentionSchedule(lake, None, tmp_path / "r.json", clock=lambda: now[0],
                                                         compact_every_s=900))
     sink.write_batch([])
-    assert nfiles() == 70  # not at start-up
-    now[0] += 901
+    assert nfiles() == 70  # not at start-up ...
+    now[0] += 61
     sink.write_batch([])
-    assert nfiles() == 1 and lake.read("raw_trades").num_rows == 140
+    assert nfiles() == 1 and lake.read("raw_trades").num_rows == 140  # ... but a minute later
+    _fill(lake, days=1, per_day=140, files_per_day=70)  # 70 more small files
+    now[0] += 600
+    sink.write_batch([])
+    assert nfiles() == 71  # not before the interval
+    now[0] += 301
+    sink.write_batch([])
+    assert nfiles() <= 2 and lake.read("raw_trades").num_rows == 280
     assert not (tmp_path / "r.json").exists()  # no retention without retention days
