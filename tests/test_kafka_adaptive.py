@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tickcast.broker import EmbeddedBroker
@@ -38,33 +39,40 @@ def _long_partition(broker) -> Producer:
     return p
 
 
-def test_a_starved_consumer_widens_its_fetch_wait_reads_everything_once_and_narrows_back():
-    with EmbeddedBroker(topics=(TopicSpec("long", (), 1),)) as broker:
-        p = _long_partition(broker)
-        start = TopicPartition("long", 0, N // 2)
-        conf = consumer_config(broker.bootstrap, "starve", **{"fetch.wait.max.ms": 1})
+@pytest.fixture(scope="module")
+def long_broker():
+    """One broker for the tests on a long partition (writing its N batches takes seconds): "long"
+    (N records, more may follow) and "live"."""
+    with EmbeddedBroker(topics=(TopicSpec("long", (), 1), TopicSpec("live", (), 1))) as broker:
+        yield broker, _long_partition(broker)
 
-        plain = Consumer(conf)
-        plain.assign([start])
-        starved = _read(plain, 3.0, N // 2)
-        high = plain.get_watermark_offsets(TopicPartition("long", 0), cached=True)[1]
-        plain.close()
-        assert high == N and len(starved) < N // 2, "the broker no longer starves a 1 ms fetch (test premise)"
 
-        ac = AdaptiveConsumer(conf, relax_s=1.0)
-        ac.assign([start])
-        got = _read(ac, 60.0, N // 2)
-        assert got == list(range(N // 2, N))  # all of it, in order, nothing twice
-        widened = ac.rebuilds
-        assert widened >= 1 and ac.wait_ms > 1
-        for i in range(3):  # caught up: live messages bring it back to the configured wait
-            p.produce("long", str(N + i).encode())
-            p.flush(10)
-            got += _read(ac, 5.0, 1)
-            time.sleep(0.4)
-        assert got[-3:] == [N, N + 1, N + 2] and ac.lag() == 0
-        assert ac.rebuilds > widened  # went back to the configured wait once caught up
-        ac.close()
+def test_a_starved_consumer_widens_its_fetch_wait_reads_everything_once_and_narrows_back(long_broker):
+    broker, p = long_broker
+    start = TopicPartition("long", 0, N // 2)
+    conf = consumer_config(broker.bootstrap, "starve", **{"fetch.wait.max.ms": 1})
+
+    plain = Consumer(conf)
+    plain.assign([start])
+    starved = _read(plain, 3.0, N // 2)
+    high = plain.get_watermark_offsets(TopicPartition("long", 0), cached=True)[1]
+    plain.close()
+    assert high == N and len(starved) < N // 2, "the broker no longer starves a 1 ms fetch (test premise)"
+
+    ac = AdaptiveConsumer(conf, relax_s=1.0)
+    ac.assign([start])
+    got = _read(ac, 60.0, N // 2)
+    assert got == list(range(N // 2, N))  # all of it, in order, nothing twice
+    widened = ac.rebuilds
+    assert widened >= 1 and ac.wait_ms > 1
+    for i in range(3):  # caught up: live messages bring it back to the configured wait
+        p.produce("long", str(N + i).encode())
+        p.flush(10)
+        got += _read(ac, 5.0, 1)
+        time.sleep(0.4)
+    assert got[-3:] == [N, N + 1, N + 2] and ac.lag() == 0
+    assert ac.rebuilds > widened  # went back to the configured wait once caught up
+    ac.close()
 
 
 def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_still_runs():
@@ -99,55 +107,54 @@ def test_a_slow_broker_round_trip_widens_the_wait_and_the_users_stats_callback_s
     ac2.close()
 
 
-def test_one_starved_partition_widens_the_wait_while_another_keeps_flowing():
+def test_one_starved_partition_widens_the_wait_while_another_keeps_flowing(long_broker):
     """tansu answers empty only the partitions whose listing outlasts the wait: a consumer of a
     long partition (behind) and a short live one gets the live messages and nothing of the long
     partition. The starvation is per partition (seen in a 2-symbol soak: the order-book deltas of
     one symbol stopped while its trades and tickers flowed, and the event-time merge held them)."""
     import threading
 
-    with EmbeddedBroker(topics=(TopicSpec("long", (), 1), TopicSpec("live", (), 1))) as broker:
-        p = _long_partition(broker)
-        stop = threading.Event()
+    broker, p = long_broker
+    stop = threading.Event()
 
-        def trickle():  # a live partition with a message every 20 ms
-            i = 0
-            while not stop.is_set():
-                p.produce("live", str(i).encode())
-                p.poll(0)
-                i += 1
-                time.sleep(0.02)
+    def trickle():  # a live partition with a message every 20 ms
+        i = 0
+        while not stop.is_set():
+            p.produce("live", str(i).encode())
+            p.poll(0)
+            i += 1
+            time.sleep(0.02)
 
-        th = threading.Thread(target=trickle, daemon=True)
-        th.start()
-        try:
-            conf = consumer_config(broker.bootstrap, "starve-one", **{"fetch.wait.max.ms": 1})
-            assignment = [TopicPartition("long", 0, N // 2), TopicPartition("live", 0, 0)]
+    th = threading.Thread(target=trickle, daemon=True)
+    th.start()
+    try:
+        conf = consumer_config(broker.bootstrap, "starve-one", **{"fetch.wait.max.ms": 1})
+        assignment = [TopicPartition("long", 0, N // 2), TopicPartition("live", 0, 0)]
 
-            def read(consumer, seconds):
-                by_topic = {"long": [], "live": []}
-                deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline and len(by_topic["long"]) < N // 2:
-                    for m in consumer.consume(1000, 0.05):
-                        if m.error() is None:
-                            by_topic[m.topic()].append(int(m.value()))
-                return by_topic
+        def read(consumer, seconds):
+            by_topic = {"long": [], "live": []}
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and len(by_topic["long"]) < N // 2:
+                for m in consumer.consume(1000, 0.05):
+                    if m.error() is None:
+                        by_topic[m.topic()].append(int(m.value()))
+            return by_topic
 
-            plain = Consumer(conf)
-            plain.assign(assignment)
-            seen = read(plain, 3.0)
-            plain.close()
-            assert seen["live"] and len(seen["long"]) < N // 2, "premise: the long partition starves alone"
+        plain = Consumer(conf)
+        plain.assign(assignment)
+        seen = read(plain, 3.0)
+        plain.close()
+        assert seen["live"] and len(seen["long"]) < N // 2, "premise: the long partition starves alone"
 
-            ac = AdaptiveConsumer(conf, relax_s=1.0)
-            ac.assign(assignment)
-            seen = read(ac, 60.0)
-            assert seen["long"] == list(range(N // 2, N))  # all of it, in order, nothing twice
-            assert ac.rebuilds >= 1 and ac.wait_ms > 1 and seen["live"]
-            ac.close()
-        finally:
-            stop.set()
-            th.join(5)
+        ac = AdaptiveConsumer(conf, relax_s=1.0)
+        ac.assign(assignment)
+        seen = read(ac, 60.0)
+        assert seen["long"][:N // 2] == list(range(N // 2, N))  # all of it, in order, nothing twice
+        assert ac.rebuilds >= 1 and ac.wait_ms > 1 and seen["live"]
+        ac.close()
+    finally:
+        stop.set()
+        th.join(5)
 
 
 def test_a_trickling_partition_far_behind_widens_only_when_the_application_keeps_up():

@@ -147,7 +147,7 @@ def test_compact_recent_rewrites_the_small_files_sorted_and_keeps_every_row_and_
 
     lake = Lake(str(tmp_path / "lake"))
     lake.ensure_tables(["raw_trades"])
-    last_offset = _fill(lake, days=3, per_day=140, files_per_day=70)  # interleaved gw_seq ranges
+    last_offset = _fill(lake, days=3, per_day=48, files_per_day=24)  # interleaved gw_seq ranges
     lake.append("raw_trades", rows_to_arrow(BRONZE["raw_trades"], [with_meta(
         BRONZE["raw_trades"], _trade("ETHUSDT", 0, D0 + 2 * DAY_MS), topic="market.trades", partition=1,
         offset=0, kafka_ts=None, ingest="kafka")]), offsets={("market.trades", 1): 0})
@@ -168,7 +168,7 @@ def test_compact_recent_rewrites_the_small_files_sorted_and_keeps_every_row_and_
 
     before_rows, before_replay, before_files = rows(), replayed(), files()
     now = D0 + 2 * DAY_MS + 3_600_000  # day 3, 01:00: days 2 and 3 are recent, day 1 is closed
-    done = lake.compact_recent(now_ms=now, min_files=64)
+    done = lake.compact_recent(now_ms=now, min_files=16)
     assert done == {"raw_trades": ["BTCUSDT/2026-08-02", "BTCUSDT/2026-08-03"]}
     after = files()
     by_part = {}
@@ -176,16 +176,16 @@ def test_compact_recent_rewrites_the_small_files_sorted_and_keeps_every_row_and_
         by_part.setdefault((sym, date), []).append(path)
     assert len(by_part[("BTCUSDT", "2026-08-02")]) == len(by_part[("BTCUSDT", "2026-08-03")]) == 1
     assert by_part[("BTCUSDT", "2026-08-01")] == [p for s, d, p in before_files if (s, d) == ("BTCUSDT", "2026-08-01")]
-    assert by_part[("ETHUSDT", "2026-08-03")] == [p for s, d, p in before_files if s == "ETHUSDT"]  # 1 < 64 files
+    assert by_part[("ETHUSDT", "2026-08-03")] == [p for s, d, p in before_files if s == "ETHUSDT"]  # 1 < 16 files
     for date in ("2026-08-02", "2026-08-03"):
         seq = pq.read_table(str(tmp_path / "lake" / "raw_trades" / by_part[("BTCUSDT", date)][0]),
                             columns=["gw_seq"]).column("gw_seq").to_numpy()
-        assert len(seq) == 140 and np.all(np.diff(seq) > 0)
+        assert len(seq) == 48 and np.all(np.diff(seq) > 0)
     assert rows().equals(before_rows)
     assert replayed() == before_replay
     assert lake.committed_offset("raw_trades", "market.trades", 0) == last_offset - 1
     assert lake.committed_offset("raw_trades", "market.trades", 1) == 0
-    assert lake.compact_recent(now_ms=now, min_files=64) == {}  # nothing small left
+    assert lake.compact_recent(now_ms=now, min_files=16) == {}  # nothing small left
 
 
 def test_compact_recent_bounds_the_rows_per_call_and_goes_on_at_the_next(tmp_path):
