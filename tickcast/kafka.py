@@ -67,7 +67,8 @@ def consume_ready(consumer, num_messages: int, timeout: float) -> list:
     first = consumer.poll(timeout)
     if first is None:
         return []
-    return [first] + consumer.consume(num_messages - 1, 0) if num_messages > 1 else [first]
+    rest = consumer.consume(num_messages - 1, 0) if num_messages > 1 else []
+    return [first, *rest]
 
 
 class AdaptiveConsumer:
