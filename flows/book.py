@@ -13,7 +13,7 @@ gap or a cross and stays invalid until the next snapshot.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from enum import Enum
+from enum import StrEnum
 
 FIXED_DECIMALS = 12
 FIXED_SCALE = 10**FIXED_DECIMALS
@@ -55,7 +55,7 @@ def from_fixed(units: int) -> float:
     return units / FIXED_SCALE  # int/int true division is correctly rounded: deterministic
 
 
-class BookStatus(str, Enum):
+class BookStatus(StrEnum):
     APPLIED = "applied"
     SNAPSHOT = "snapshot"
     RESET = "reset"  # u == 1: exchange restart, overwrote the book

@@ -268,7 +268,8 @@ class Reference:
         self.first_tile = first
         self.ends = np.arange(first + TILE_MS, last + 1, TILE_MS, dtype=np.int64)  # closed tiles' ends
         n = len(self.ends)
-        idx = lambda t: (np.asarray(t, dtype=np.int64) - first) // TILE_MS
+        def idx(t):
+            return (np.asarray(t, dtype=np.int64) - first) // TILE_MS
         self.n_events = np.bincount(idx(self.tile), minlength=n + 1)[:n]
         self.n_churn = np.bincount(idx(self.tile), weights=self.churn, minlength=n + 1)[:n].astype(np.int64)
         tr = self.trades

@@ -298,7 +298,7 @@ def test_hub_replays_after_last_event_id_filters_symbols_and_drops_slow_clients(
         nxt = await agen.__anext__()
         assert nxt.startswith(b"event: alert\r\nid: ")
         slow = hub.subscribe(None, None)
-        for i in range(3):
+        for _ in range(3):
             hub.publish("signal", {"symbol": "A"}, "A")
         assert slow.dropped and dropped
         await agen.aclose()

@@ -184,8 +184,8 @@ def test_pending_transactions_are_aggregated_per_second_and_never_kept():
     sink = Sink()
     feed = AlchemyPendingFeed("wss://eth-mainnet.g.alchemy.com/v2/SECRETKEY", "ETH", ["ETHUSDT"], sink.publish,
                               sink.dead_letter, large_transfer=100.0)
-    note = lambda t, n: json.dumps({"jsonrpc": "2.0", "method": "eth_subscription",
-                                    "params": {"subscription": "0xabc", "result": t}})
+    def note(t, n):
+        return json.dumps({"jsonrpc": "2.0", "method": "eth_subscription", "params": {"subscription": "0xabc", "result": t}})
     feed.roll(now=1000.2)  # the first second starts
     feed.handle(note(tx(1.5, 20, 1), 1), now=1000.3)
     feed.handle(note(tx(250, 40, 2), 2), now=1000.5)

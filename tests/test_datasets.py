@@ -169,7 +169,8 @@ def test_no_feature_sees_the_future_and_the_check_would_catch_it(tmp_path):
     cut_i = 200  # candles from index 200 on (event time >= cut) are different in the second lake
     cut = START + cut_i * M
     base = lake_from(tmp_path, "a")
-    bump = lambda i, r: r if i < cut_i else [r[0]] + [str(round(float(x) * 1.07, 1)) for x in r[1:5]] + ["9999.5"]
+    def bump(i, r):
+        return r if i < cut_i else [r[0]] + [str(round(float(x) * 1.07, 1)) for x in r[1:5]] + ["9999.5"]
     fut = lake_from(tmp_path, "b", mutate=bump)
     # a funding event exactly at the close of the minute before the cut belongs to the next row
     add_funding(base, [(START, "0.0001"), (cut, "0.0001")])
@@ -188,8 +189,8 @@ def test_no_feature_sees_the_future_and_the_check_would_catch_it(tmp_path):
     tv = lookahead_violations(ta, tb, a["target_columns"], cut)
     assert all(v > 0 for v in tv.values()), tv
     # ... and a feature shifted by one minute into the future would be caught
-    leaky = lambda t: t.append_column("close_next", pa.array(
-        t.column("close").to_pylist()[1:] + [None], type=pa.float64()))
+    def leaky(t):
+        return t.append_column("close_next", pa.array(t.column("close").to_pylist()[1:] + [None], type=pa.float64()))
     assert lookahead_violations(leaky(ta), leaky(tb), ["close_next"], cut)["close_next"] == 1
 
 

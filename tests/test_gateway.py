@@ -154,7 +154,7 @@ def test_every_message_arrives_once_in_order_on_its_topic_with_dense_gw_seq(boot
             assert t == RAW_TOPIC_OF[n] and r["venue"] == "bybit.linear" and r["recv_ts"] > 0
         # heartbeats: never behind the exchange time already seen, never going back
         max_ts, last_hb = 0, 0
-        for t, n, r in got[sym]:
+        for _t, n, r in got[sym]:
             if n == "Heartbeat":
                 assert r["exchange_ts"] >= max_ts and r["exchange_ts"] >= last_hb
                 last_hb = r["exchange_ts"]
@@ -216,7 +216,7 @@ def test_injected_faults_become_dead_letters_and_the_gateway_keeps_going(bootstr
         return dumps(msg)
 
     faults = {
-        "malformed_json": '{"topic":"orderbook.50.%s","type":"delta","ts":' % sym,
+        "malformed_json": f'{{"topic":"orderbook.50.{sym}","type":"delta","ts":',
         "unknown_topic": dumps({"topic": f"allLiquidation.{sym}", "type": "snapshot", "ts": 1, "data": []}),
         "negative_size": mutate(m.book_delta(), lambda x: x["data"]["b"][0].__setitem__(1, "-3")),
         "not_finite": mutate(m.book_delta(), lambda x: x["data"]["a"][0].__setitem__(1, "NaN")),

@@ -92,8 +92,7 @@ def test_news_through_the_gateway_publisher(bootstrap, tmp_path):
             return totals
 
         totals = asyncio.run(main())
-        assert pub.flush(10) == 0
-        del pub, main  # release the producer before the session's broker stops
+        assert pub.close(10) == 0  # flushed, and the producer released before the session's broker stops
         gc.collect()
     n = len(entries)
     assert n >= 30 and totals["items"] == n and totals["records"] == 4 * n and totals["refused"] == 0
@@ -210,7 +209,6 @@ def test_news_input_stops_on_the_gateway_stop_event(bootstrap, tmp_path):
                 return totals, time.monotonic() - t0
 
         totals, took = asyncio.run(main())
-        assert pub.flush(10) == 0
-        del pub, main
+        assert pub.close(10) == 0
         gc.collect()
     assert totals["items"] >= 5 and totals["records"] == totals["items"] and took < 10

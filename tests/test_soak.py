@@ -82,7 +82,7 @@ def test_exactly_once_audit_counts_loss_duplicates_and_cut_tails(tmp_path):
     off = 0
     for cid, frames in sent.items():
         p = BybitParser("sim.linear", ["BTCUSDT"])
-        for i, f in enumerate(frames):
+        for f in frames:
             (name, rec), = p.events(decode(f["text"]), 0)
             u = rec["update_id"]
             if (cid, u) in (("c1", 30), ("c2", 118), ("c2", 119)):  # 30: lost; c2's last two: cut in transit
