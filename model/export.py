@@ -3,6 +3,7 @@ model/CONTRACT.md inside the file, and the onnxruntime-vs-torch parity check."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import torch
 
 from model.itransformer import normalisation_doc, target_scaling_doc
 from model.serving import OUTPUTS, open_session, run_onnx
+
+# the exporter warns once per torchvision op it cannot register ("torchvision is not installed"):
+# tickcast's model uses none of them
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 PARITY_TOL = 1e-4
 

@@ -43,7 +43,9 @@ def configure(level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level or os.environ.get("TICKCAST_LOG_LEVEL", "INFO"))
-    for noisy in ("httpx", "httpcore", "urllib3", "websockets", "asyncio", "bokeh", "tornado"):
+    # third-party INFO chatter (the ONNX exporter logs a line per deduplicated initializer)
+    for noisy in ("httpx", "httpcore", "urllib3", "websockets", "asyncio", "bokeh", "tornado", "onnx_ir", "onnxscript",
+                  "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _configured = True
 
