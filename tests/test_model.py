@@ -533,3 +533,18 @@ def test_two_variate_configs_are_compared_on_identical_origins():
     assert set(r["metrics"]) == {"baseline", "main"}
     assert r["metrics"]["baseline"]["close"]["n"] == r["metrics"]["main"]["close"]["n"] > 0
     assert r["main_variates"][-1] == "mempool_tx_count"
+
+
+def test_cross_asset_variates_are_the_other_symbols_values_at_the_same_minute():
+    import pandas as pd
+
+    from model.experiments import with_cross_asset
+
+    df = pd.DataFrame({"symbol": ["A", "A", "B", "B", "B"], "minute_ts": [0, 60_000, 0, 60_000, 120_000],
+                       "r": [1.0, 2.0, 10.0, 20.0, 30.0]})
+    out = with_cross_asset(df, ["r"]).set_index(["symbol", "minute_ts"])["xa_r"]
+    assert out[("A", 0)] == 10.0 and out[("A", 60_000)] == 20.0
+    assert out[("B", 0)] == 1.0 and out[("B", 60_000)] == 2.0
+    assert pd.isna(out[("B", 120_000)])  # A has no such minute: no valid window there
+    with pytest.raises(ValueError, match="exactly two symbols"):
+        with_cross_asset(pd.concat([df, df.assign(symbol="C")]), ["r"])
