@@ -105,8 +105,8 @@ def main(argv=None) -> int:
             np.savez_compressed(OUT.parent / f"val_fc_{args.tag}.npz", origins=sp.val, **fc)
         m = evaluate_forecasters(w, {"it": fc}, sp.val, cfg.quantiles)["it"]
         print(json.dumps(_summ(m)), f"dir3={m['direction']['acc3']:.4f}")
-        _record({"what": "itransformer", "tag": args.tag, "since": args.since, "config": {k: v for k, v in cfg.to_dict().items()
-                                                                     if k != "variates"},
+        _record({"what": "itransformer", "tag": args.tag, "since": args.since,
+                 "config": {k: v for k, v in cfg.to_dict().items() if k != "variates"},
                  "variates": cfg.variates, "val": _summ(m), "dir3": m["direction"]["acc3"],
                  "seconds": time.perf_counter() - t0, "epochs": [len(i["history"]) for i in info["members"]],
                  "history": [i["history"] for i in info["members"]]})
