@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     r = run_eval(ds, cfg, test_start, a.folds, a.val_days, a.lgbm_threads)
     metrics, backtests = r["metrics"], r["backtests"]
     table = comparison_table(metrics, backtests)
-    verdict = quality_bar(metrics)
+    verdict = quality_bar(metrics, gain_intervals(r["windows"], r["forecasts"], r["test"], cfg.quantiles, metrics))
     out = Path(a.out)
     from model.report import write_eval_report
 
@@ -150,6 +150,10 @@ def main(argv=None) -> int:
            "signals": r["signals"], "mempool": note, "seconds": time.perf_counter() - t_start,
            "backtests": {n: {s: b["total"] for s, b in d.items()} for n, d in backtests.items()}}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    # every model's test forecasts with their origins: any later analysis needs no re-run
+    np.savez_compressed(out / "test_forecasts.npz", origins=r["test"], minute_ts=r["windows"].ts[r["test"]],
+                        symbol=r["windows"].symbol[r["test"]].astype(str),
+                        **{f"{n}__{k}": v for n, fc in r["forecasts"].items() for k, v in fc.items()})
     print(table)
     print()
     print(verdict["text"])
@@ -159,22 +163,54 @@ def main(argv=None) -> int:
     return 0
 
 
-def quality_bar(metrics: dict, model: str = "itransformer") -> dict:
+TARGETS = {"close": ("close_q", "path"), "rv": ("rv_q", "rv"), "range": ("range_q", "range_rel")}
+
+
+def _best_baseline(metrics: dict, tgt: str, model: str) -> str:
+    return min((n for n in metrics if n != model), key=lambda n: metrics[n][tgt]["pinball"])
+
+
+def gain_intervals(w, forecasts: dict, test: np.ndarray, taus, metrics: dict, model: str = "itransformer",
+                   n_boot: int = 2000) -> dict:
+    """Per target: the model's pinball gain over the best baseline with a 90% bootstrap interval over
+    UTC days (``model.metrics.bootstrap_gain``): how sure the test part lets one be of the gain."""
+    from model.metrics import bootstrap_gain, pinball_per_origin
+
+    y = w.targets(test)
+    days = w.ts[test] // 86_400_000
+    out = {}
+    for tgt, (fk, yk) in TARGETS.items():
+        best = _best_baseline(metrics, tgt, model)
+        yt = y[yk][:, -1] if yk == "path" else y[yk]  # close: Close(t+H), as in forecast_metrics
+        loss = {}
+        for name in (model, best):
+            q = forecasts[name][fk]
+            loss[name] = pinball_per_origin(yt, q[:, -1, :] if q.ndim == 3 else q, taus).mean(axis=1)
+        out[tgt] = {"baseline": best, **bootstrap_gain(loss[model], loss[best], days, n_boot=n_boot)}
+    return out
+
+
+def quality_bar(metrics: dict, intervals: dict | None = None, model: str = "itransformer") -> dict:
     """The issue's bar: pinball >= 2% below the best baseline for every target, coverage 77-83%,
-    median MAE no worse than the random walk."""
+    median MAE no worse than the random walk. With ``intervals`` (``gain_intervals``) each gain also
+    gets its bootstrap interval."""
     rows, ok_all = [], True
     for tgt in ("close", "rv", "range"):
-        bases = [n for n in metrics if n != model]
-        best = min(bases, key=lambda n: metrics[n][tgt]["pinball"])
+        best = _best_baseline(metrics, tgt, model)
         gain = 1 - metrics[model][tgt]["pinball"] / metrics[best][tgt]["pinball"]
         cov = metrics[model][tgt]["coverage"]
         mae_ok = metrics[model][tgt]["mae"] <= metrics["random_walk"][tgt]["mae"]
         ok = gain >= 0.02 and 0.77 <= cov <= 0.83 and mae_ok
         ok_all &= ok
-        rows.append(f"- {tgt}: pinball gain vs best baseline ({best}) {100 * gain:+.2f}% (bar +2%), coverage "
+        ci = ""
+        if intervals and tgt in intervals:
+            iv = intervals[tgt]
+            ci = (f" [{100 * iv['level']:.0f}% interval over {iv['blocks']} days: {100 * iv['lo']:+.2f}% .. "
+                  f"{100 * iv['hi']:+.2f}%; P(gain >= 2%) = {iv['p_gain_ge_2pct']:.2f}]")
+        rows.append(f"- {tgt}: pinball gain vs best baseline ({best}) {100 * gain:+.2f}%{ci} (bar +2%), coverage "
                     f"{100 * cov:.1f}% (bar 77-83%), MAE {metrics[model][tgt]['mae']:.6g} vs random walk "
                     f"{metrics['random_walk'][tgt]['mae']:.6g} -> {'PASS' if ok else 'FAIL'}")
-    return {"pass": bool(ok_all), "text": "quality bar:\n" + "\n".join(rows)}
+    return {"pass": bool(ok_all), "text": "quality bar:\n" + "\n".join(rows), "intervals": intervals or {}}
 
 
 if __name__ == "__main__":

@@ -513,6 +513,32 @@ def test_walk_forward_evaluation_against_every_baseline_on_synthetic_data():
     table = comparison_table(r["metrics"], r["backtests"])
     assert "lgbm_std" in table and "P&L per 30 d" in table
     assert "quality bar" in quality_bar(r["metrics"])["text"]
+    # the gain intervals: the point gain is the table's, inside its interval
+    from model.real_eval import gain_intervals
+
+    iv = gain_intervals(w, r["forecasts"], test, cfg.quantiles, r["metrics"], n_boot=200)
+    for tgt, g in iv.items():
+        m = r["metrics"]
+        assert g["gain"] == pytest.approx(1 - m["itransformer"][tgt]["pinball"] / m[g["baseline"]][tgt]["pinball"],
+                                          rel=1e-9, abs=1e-12), tgt
+        assert g["lo"] <= g["gain"] <= g["hi"] and g["blocks"] >= 1
+    assert "interval over" in quality_bar(r["metrics"], iv)["text"]
+
+
+def test_bootstrap_gain_over_blocks():
+    from model.metrics import bootstrap_gain
+
+    ref = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    days = np.array([0, 0, 1, 1, 2, 2])
+    g = bootstrap_gain(0.9 * ref, ref, days, n_boot=500)
+    assert g["gain"] == pytest.approx(0.1) and g["lo"] == pytest.approx(0.1) and g["hi"] == pytest.approx(0.1)
+    assert g["blocks"] == 3 and g["p_gain_ge_2pct"] == 1.0 and g["p_gain_le_0"] == 0.0
+    # better on one day, worse on another: the interval spans both, and a NaN origin is left out
+    loss = np.array([0.5, 1.0, 3.0, 4.0, 6.0, np.nan])
+    g = bootstrap_gain(loss, ref, days, n_boot=2000, seed=1)
+    assert g["gain"] == pytest.approx(1 - 14.5 / 15.0)
+    assert g["lo"] < 0 < g["hi"] and 0 < g["p_gain_le_0"] < 1
+    assert bootstrap_gain(loss, ref, days, n_boot=2000, seed=1) == g  # fixed seed: same interval
 
 
 def test_two_variate_configs_are_compared_on_identical_origins():
