@@ -193,7 +193,7 @@ def plan_files(lake: Lake, symbol: str, from_date_ms: int, end_ms: int, lo_seq: 
         add = pa.table(dt.get_add_actions(flatten=True))
         if add.num_rows == 0:
             continue
-        stats = {}
+        stats, dates = {}, set()
         cols = add.column_names
         for i, path in enumerate(add.column("path").to_pylist()):
             sym = add.column("partition.symbol")[i].as_py()
@@ -203,10 +203,10 @@ def plan_files(lake: Lake, symbol: str, from_date_ms: int, end_ms: int, lo_seq: 
             mn = add.column("min.gw_seq")[i].as_py() if "min.gw_seq" in cols else None
             mx = add.column("max.gw_seq")[i].as_py() if "max.gw_seq" in cols else None
             stats[path] = (mn, mx, add.column("num_records")[i].as_py())
+            dates.add(date)
         if not stats:
             continue
-        dates = sorted({d for d in add.column("partition.date").to_pylist() if d and lo_date <= d <= hi_date})
-        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("symbol", "=", symbol), ("date", "in", dates)])
+        ds = dt.to_pyarrow_dataset(file_pruning_predicate=[("symbol", "=", symbol), ("date", "in", sorted(dates))])
         for frag in ds.get_fragments(filter=(pads.field("symbol") == symbol)):
             rel = _relative(frag.path, stats)
             if rel not in stats:
