@@ -55,7 +55,16 @@ def zigzag(n: int) -> bytes:
         hi = z >> 28
         return _T14[z & 16383] + _T14[(z >> 14) & 16383] + (
             _V14[hi] if hi < 16384 else _T14[hi & 16383] + _V14[hi >> 14])
+    if not -(1 << 63) <= n < (1 << 63):  # zigzag of a wider int is garbage: refuse, like Serde
+        raise OverflowError(f"{n} does not fit an Avro long")
     return _varint_loop(z)
+
+
+def zigzag32(n: int) -> bytes:
+    """An Avro int: a long that must fit 32 bits."""
+    if not -(1 << 31) <= n < (1 << 31):
+        raise OverflowError(f"{n} does not fit an Avro int")
+    return zigzag(n)
 
 
 def _text(s: str) -> bytes:
@@ -111,8 +120,10 @@ class _Compiler:
                 return self.value(self.named[schema], expr, depth)
             if schema == "null":
                 self.emit(depth, f"if {expr} is not None: raise TypeError('expected null')")
-            elif schema in ("long", "int"):
+            elif schema == "long":
                 self.emit(depth, f"out += zigzag({expr})")
+            elif schema == "int":
+                self.emit(depth, f"out += zigzag32({expr})")
             elif schema == "string":
                 self.emit(depth, f"out += _text({expr})")
             elif schema == "boolean":
@@ -199,7 +210,7 @@ def compile_encoder(raw_schema: dict) -> Callable[[dict], bytearray]:
     c.value(schema, "rec", 1)
     c.emit(1, "return out")
     src = "def encode(rec):\n" + "\n".join(c.lines) + "\n"
-    env = {"zigzag": zigzag, "_text": _text, "_str_array": _str_array, "_bool": _bool,
+    env = {"zigzag": zigzag, "zigzag32": zigzag32, "_text": _text, "_str_array": _str_array, "_bool": _bool,
            "_PACK_DOUBLE": _PACK_DOUBLE, "_PACK_FLOAT": _PACK_FLOAT, "_nobytes": _nobytes, **c.consts}
     exec(compile(src, f"<avro encoder {raw_schema.get('name')}>", "exec"), env)  # noqa: S102 - our own codegen
     fn = env["encode"]

@@ -54,8 +54,29 @@ class GatewayConfig:
     # closed 1-minute klines of the last N minutes published at start as live Kline events (REST):
     # the feature flow turns them into history vectors, so lookbacks are full from the first minute
     history_minutes: int = 240  # >= the longest model lookback (120) + the candle warm-up (62)
+    # one time budget for that history over every symbol: a blocked REST API (HTTP 403, retried with
+    # minutes of back-off) must not hold the live stream back for symbols x a timeout each
+    history_budget_s: float = 20.0
+    resync_rest_timeout_s: float = 5.0  # then resubscribe instead (a blocked REST retries for minutes)
     metrics_addr: str = "127.0.0.1"
     producer_overrides: dict = field(default_factory=dict)
+
+
+async def _unless_stopped(coro, timeout_s: float, stop: asyncio.Event | None):
+    """``coro``'s result; TimeoutError after ``timeout_s`` or as soon as ``stop`` is set."""
+    task = asyncio.ensure_future(coro)
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        await asyncio.wait({task} | ({stopper} if stopper else set()), timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopper is not None:
+            stopper.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise TimeoutError("stopped" if stop is not None and stop.is_set() else f"no answer in {timeout_s:.1f} s")
+    return task.result()
 
 
 class Gateway:
@@ -201,11 +222,12 @@ class Gateway:
             from connectors.rest import RestError, orderbook_record
 
             try:
-                result = await self.rest.orderbook(symbol, min(self.config.depth, 500))
+                result = await asyncio.wait_for(self.rest.orderbook(symbol, min(self.config.depth, 500)),
+                                                self.config.resync_rest_timeout_s)
                 rec = orderbook_record(symbol, self.config.venue, result, self.config.depth, now_us())
-            except (RestError, ParseError, KeyError) as exc:
+            except (RestError, ParseError, KeyError, TimeoutError) as exc:
                 log.error("REST snapshot for resync failed; resubscribing instead", extra={
-                    "symbol": symbol, "error": str(exc)})
+                    "symbol": symbol, "error": str(exc) or type(exc).__name__})
             else:
                 self.publisher.publish("OrderBookSnapshot", rec)
                 return "rest"
@@ -311,11 +333,12 @@ class Gateway:
                 "resyncs": self.resyncs, "subscribe_errors": self.subscribe_errors}
 
     # -- running --------------------------------------------------------------------------------
-    async def publish_history(self, timeout_s: float = 20.0) -> int:
+    async def publish_history(self, stop: asyncio.Event | None = None) -> int:
         """Publish the closed 1-minute klines of the last ``history_minutes`` of every symbol (REST)
         as live, confirmed Kline events, before the WebSocket data: the stream then starts with
         enough candle history for every per-minute variate and lookback. A failure is logged and the
-        gateway goes on without history (the features warm up from live data instead)."""
+        gateway goes on without history (the features warm up from live data instead). All symbols
+        share ``history_budget_s``; ``stop`` ends the wait at once."""
         minutes = self.config.history_minutes
         if not minutes or self.rest is None:
             return 0
@@ -324,12 +347,19 @@ class Gateway:
         now = now_us()
         end = now // 1000 - 60_000
         published = 0
-        for sym in self.symbols:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.history_budget_s
+        for i, sym in enumerate(self.symbols):
+            left = deadline - loop.time()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                log.warning("start-up kline history: time budget spent, the rest warm up from live data",
+                            extra={"symbols": self.symbols[i:], "budget_s": self.config.history_budget_s})
+                break
             try:
-                rows = await asyncio.wait_for(self.rest.klines(sym, end - minutes * 60_000, end), timeout_s)
+                rows = await _unless_stopped(self.rest.klines(sym, end - minutes * 60_000, end), left, stop)
             except (RestError, TimeoutError, OSError, ValueError) as exc:
                 log.warning("start-up kline history unavailable: features warm up from live data",
-                            extra={"symbol": sym, "error": str(exc)[:300]})
+                            extra={"symbol": sym, "error": str(exc)[:300] or type(exc).__name__})
                 continue
             for row in rows:
                 try:
@@ -351,7 +381,7 @@ class Gateway:
             self.metrics = GatewayMetrics(self)
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
             log.info("metrics served", extra={"url": f"http://{self.config.metrics_addr}:{self.metrics_port}/metrics"})
-        await self.publish_history()
+        await self.publish_history(stop)
         tasks = [asyncio.create_task(c.run(), name=c.name) for c in self.connections]
         tasks.append(asyncio.create_task(self._heartbeats(stop), name="heartbeats"))
         tasks.append(asyncio.create_task(self._housekeeping(stop), name="housekeeping"))

@@ -46,11 +46,15 @@ def _num(value: Any, field: str) -> float:
     """A finite, non-negative JSON number."""
     if type(value) not in (int, float):
         raise BadInput("wrong_type", f"{field}: expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # JSON ints are unbounded: one beyond a double is no statistic
+    except OverflowError:
+        raise BadInput("out_of_range", f"{field}: {str(value)[:40]}... does not fit a double") from None
+    if not math.isfinite(number):
         raise BadInput("not_finite", f"{field}: {value!r} is not finite")
-    if value < 0:
+    if number < 0:
         raise BadInput("negative_value", f"{field}: {value!r} is negative")
-    return float(value)
+    return number
 
 
 def _opt_num(obj: dict, key: str, field: str) -> float | None:
@@ -330,9 +334,12 @@ def _hex(value: Any, field: str) -> int:
     if not isinstance(value, str) or not value.startswith("0x"):
         raise BadInput("wrong_type", f"{field}: expected a 0x hex quantity, got {value!r}")
     try:
-        return int(value, 16)
+        number = int(value, 16)
     except ValueError:
         raise BadInput("invalid_number", f"{field}: {value!r} is not hexadecimal") from None
+    if number >= 1 << 256:  # EVM quantities are uint256
+        raise BadInput("out_of_range", f"{field}: {value[:40]}... exceeds 256 bits")
+    return number
 
 
 def _quantile(sorted_values: list[float], q: float) -> float | None:

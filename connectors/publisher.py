@@ -18,11 +18,16 @@ import threading
 import time
 from collections.abc import Iterable
 
+from confluent_kafka import KafkaException
+
 from tickcast.logs import get_logger
 from tickcast.serde import EncodeError, Serde, SerdeError
 from tickcast.topics import DEAD_LETTER, RAW_TOPIC_OF, RAW_TOPICS
 
 log = get_logger("gateway.publisher")
+
+# a dead letter's raw payload is cut here: librdkafka's and Kafka's default message limit is 1 MB
+DEAD_LETTER_PAYLOAD_MAX = 512 * 1024
 
 # --- Kafka's murmur2 partitioner (Java client and librdkafka's murmur2_random agree) ------------
 
@@ -73,20 +78,20 @@ def restore_next_seq(bootstrap: str, symbols: Iterable[str], serde: Serde, *,
 
     Reads each raw topic partition backwards in chunks from its end until every symbol that maps
     to it has been seen, the partition's start is reached or ``max_scan`` records were read
-    (heartbeats make every symbol's last records recent, so the scan is short). Raises when the
-    broker cannot be read: the gateway must not guess a sequence.
+    (heartbeats make every symbol's last records recent, so the scan is short); a symbol found in
+    no partition's tail is then looked for in its partitions' whole history. Raises when the broker
+    cannot be read: the gateway must not guess a sequence.
     """
-    from confluent_kafka import KafkaException, TopicPartition
-
     from tickcast.kafka import AdaptiveConsumer, consumer_config
 
     symbols = list(symbols)
     topics = list(topics) if topics is not None else [t.name for t in RAW_TOPICS]
     best: dict[str, int] = {}
-    undecodable = 0
+    undecodable = [0]
     consumer = AdaptiveConsumer(consumer_config(bootstrap, "tickcast-gateway-restore",
                                                 **{"enable.partition.eof": True}))
-    try:
+
+    def scan(wanted_symbols: list[str], limit: int | None) -> None:
         md = consumer.list_topics(timeout=timeout)
         for topic in topics:
             tmd = md.topics.get(topic)
@@ -94,42 +99,58 @@ def restore_next_seq(bootstrap: str, symbols: Iterable[str], serde: Serde, *,
                 raise KafkaException(f"raw topic {topic} is missing on {bootstrap} (run `tickcast topics`)")
             nparts = len(tmd.partitions)
             wanted: dict[int, set[bytes]] = {}
-            for s in symbols:
+            for s in wanted_symbols:
                 wanted.setdefault(partition_of(s, nparts), set()).add(s.encode())
             for part, keys in wanted.items():
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=timeout)
-                if high <= low:
-                    continue
-                found: dict[bytes, int] = {}
-                end, scanned = _true_end(consumer, topic, part, max(low, high - 1), timeout), 0
-                while end > low and scanned < max_scan and len(found) < len(keys):
-                    start = max(low, end - chunk, end - (max_scan - scanned))
-                    for msg in _read_range(consumer, topic, part, start, end, timeout):
-                        key = msg.key()
-                        if key in keys:
-                            try:
-                                seq = serde.decode(msg.value())["gw_seq"]
-                            except (SerdeError, KeyError):
-                                undecodable += 1  # not one of ours: it carries no gw_seq
-                                continue
-                            if seq > found.get(key, -1):
-                                found[key] = seq
-                    scanned += end - start
-                    end = start
-                missing = keys - set(found)
-                if missing and end > low:
-                    log.warning("gw_seq restore: symbols not seen in the last records of a partition", extra={
-                        "topic": topic, "partition": part, "symbols": sorted(k.decode() for k in missing),
-                        "counts": {"scanned": scanned}})
+                found = _scan_partition(consumer, serde, topic, part, keys, limit, chunk, timeout, undecodable)
                 for key, seq in found.items():
                     sym = key.decode()
                     best[sym] = max(best.get(sym, -1), seq)
+
+    try:
+        scan(symbols, max_scan)
+        # A symbol in no partition's tail was either never published or not for a long while (dropped
+        # from the config, then added again): only its whole history can tell, and restarting it at 0
+        # would publish its gw_seq values a second time.
+        unseen = [s for s in symbols if s not in best]
+        if unseen:
+            log.info("gw_seq restore: symbols not in the recent records, reading their partitions whole",
+                     extra={"symbols": unseen})
+            scan(unseen, None)
     finally:
         consumer.close()
-    if undecodable:
+    if undecodable[0]:
         log.warning("gw_seq restore skipped records that are not tickcast raw events",
-                    extra={"counts": {"undecodable": undecodable}})
+                    extra={"counts": {"undecodable": undecodable[0]}})
     return {s: best.get(s, -1) + 1 for s in symbols}
+
+
+def _scan_partition(consumer, serde: Serde, topic: str, part: int, keys: set[bytes], limit: int | None,
+                    chunk: int, timeout: float, undecodable: list[int]) -> dict[bytes, int]:
+    """The largest gw_seq of each key in one partition, reading backwards from its end until every
+    key was seen, the start is reached or ``limit`` records were read (None: no limit)."""
+    from confluent_kafka import TopicPartition
+
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=timeout)
+    found: dict[bytes, int] = {}
+    if high <= low:
+        return found
+    end, scanned = _true_end(consumer, topic, part, max(low, high - 1), timeout), 0
+    while end > low and (limit is None or scanned < limit) and len(found) < len(keys):
+        start = max(low, end - chunk) if limit is None else max(low, end - chunk, end - (limit - scanned))
+        for msg in _read_range(consumer, topic, part, start, end, timeout):
+            key = msg.key()
+            if key in keys:
+                try:
+                    seq = serde.decode(msg.value())["gw_seq"]
+                except (SerdeError, KeyError):
+                    undecodable[0] += 1  # not one of ours: it carries no gw_seq
+                    continue
+                if seq > found.get(key, -1):
+                    found[key] = seq
+        scanned += end - start
+        end = start
+    return found
 
 
 def _true_end(consumer, topic: str, part: int, start: int, timeout: float) -> int:
@@ -138,7 +159,7 @@ def _true_end(consumer, topic: str, part: int, start: int, timeout: float) -> in
     The reported high watermark is not enough: tansu (the embedded broker) answers with the base
     offset of the last record batch + 1, so the records of that last batch lie beyond it.
     """
-    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import KafkaError, TopicPartition
 
     consumer.assign([TopicPartition(topic, part, start)])
     deadline = time.monotonic() + timeout
@@ -157,7 +178,7 @@ def _true_end(consumer, topic: str, part: int, start: int, timeout: float) -> in
 
 def _read_range(consumer, topic: str, part: int, start: int, end: int, timeout: float) -> list:
     """Every record of offsets [start, end) of one partition."""
-    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import KafkaError, TopicPartition
 
     consumer.assign([TopicPartition(topic, part, start)])
     deadline = time.monotonic() + timeout
@@ -250,6 +271,9 @@ class Publisher:
         except BufferError:
             self._drop(name, rec)
             return False
+        except KafkaException as exc:  # refused locally (e.g. over message.max.bytes): no gw_seq taken
+            self.dead_letter("gateway.publish", "produce_refused", str(exc), value, topic=topic, symbol=symbol)
+            return False
         self.next_seq[symbol] = seq + 1
         self.accepted[topic] += 1
         return True
@@ -269,8 +293,12 @@ class Publisher:
         if isinstance(payload, str):
             payload = payload.encode("utf-8", "surrogateescape")
         self.dead_letters[kind] = self.dead_letters.get(kind, 0) + 1
-        rec = {"source": source, "topic": topic, "symbol": symbol, "error_kind": kind, "reason": reason[:2000],
-               "payload": bytes(payload[:1_000_000]), "ts": now_us()}
+        reason = reason[:2000]
+        if len(payload) > DEAD_LETTER_PAYLOAD_MAX:  # keep the record under the broker's message size
+            reason += f" [payload truncated from {len(payload)} to {DEAD_LETTER_PAYLOAD_MAX} bytes]"
+            payload = payload[:DEAD_LETTER_PAYLOAD_MAX]
+        rec = {"source": source, "topic": topic, "symbol": symbol, "error_kind": kind, "reason": reason,
+               "payload": bytes(payload), "ts": now_us()}
         if len(self.producer) >= self.buffer_max:
             self.dropped += 1
             log.error("buffer full: dead letter dropped", extra={"symbol": symbol, "error_kind": kind})
@@ -280,6 +308,10 @@ class Publisher:
         except BufferError:
             self.dropped += 1
             log.error("producer queue full: dead letter dropped", extra={"symbol": symbol, "error_kind": kind})
+        except KafkaException as exc:  # never raise out of the error path: count and log it
+            self.dropped += 1
+            log.error("dead letter refused by the producer", extra={
+                "symbol": symbol, "error_kind": kind, "reason": str(exc)})
 
     # -- delivery -------------------------------------------------------------------------------
     def _on_delivery(self, err, msg) -> None:

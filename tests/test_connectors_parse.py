@@ -243,7 +243,7 @@ def test_merged_ticker_state_matches_a_full_replay_of_the_raw_fields(shared_real
         rec = p.events(msg, 0)[0][1]
         for raw_key, (field, kind) in TICKER_FIELDS.items():
             raw = state[sym].get(raw_key)
-            want = None if raw in (None, "") else (int(raw) if kind == "int" else raw)
+            want = None if raw in (None, "") else (int(raw) if kind in ("int", "int32") else raw)
             assert rec[field] == want, (raw_key, line[:120])
         n += 1
     assert n == 758

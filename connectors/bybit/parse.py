@@ -31,13 +31,14 @@ except ImportError:  # pragma: no cover - orjson is a dependency
 Event = tuple[str, dict]
 log = get_logger("gateway.parse")
 
-# a finite, non-negative decimal as Bybit writes it ("65114.20", "0", "0.002")
-_DEC = re.compile(r"\d+(?:\.\d+)?")
-# a comma-joined list of them: one C-level match checks a whole side of a book
-_DECS = re.compile(r"\d+(?:\.\d+)?(?:,\d+(?:\.\d+)?)*")
+# a finite, non-negative decimal as Bybit writes it ("65114.20", "0", "0.002"); ASCII digits only
+# (``\d`` would also accept Arabic-Indic or full-width digits, which Decimal() then parses)
+_DEC = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+# a list of them joined by "|": one C-level match checks a whole side of a book
+_DECS = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:\|[0-9]+(?:\.[0-9]+)?)*")
 # funding rates are signed
-_SIGNED_DEC = re.compile(r"-?\d+(?:\.\d+)?")
-_INT_STR = re.compile(r"\d+")
+_SIGNED_DEC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+_INT_STR = re.compile(r"[0-9]+")
 
 BOOK_CHANNEL = "orderbook"
 TRADE_CHANNEL = "publicTrade"
@@ -97,9 +98,20 @@ def check_signed(value: Any, field: str) -> str:
     raise _bad_decimal(value, field, signed=True)
 
 
+_LONG = 1 << 63  # Avro long: [-2**63, 2**63)
+_INT32 = 1 << 31  # Avro int
+
+
+def _in_range(value: int, field: str, bound: int = _LONG) -> int:
+    """An int the wire contract can carry (JSON ints are unbounded; Avro's are not)."""
+    if -bound <= value < bound:
+        return value
+    raise ParseError("out_of_range", f"{field}: {value} does not fit a {bound.bit_length()}-bit integer")
+
+
 def _int(value: Any, field: str) -> int:
     if type(value) is int:
-        return value
+        return _in_range(value, field)
     raise ParseError("wrong_type", f"{field}: expected an integer, got {type(value).__name__} {value!r}")
 
 
@@ -122,7 +134,10 @@ def levels(side: Any, name: str) -> tuple[list[str], list[str]]:
         sz.append(lvl[1])
     if px:
         try:
-            ok = _DECS.fullmatch(",".join(px)) is not None and _DECS.fullmatch(",".join(sz)) is not None
+            jp, js = "|".join(px), "|".join(sz)
+            # the separator count rules out a value that itself contains "|"
+            ok = (_DECS.fullmatch(jp) is not None and _DECS.fullmatch(js) is not None
+                  and jp.count("|") == js.count("|") == len(px) - 1)
         except TypeError:
             ok = False
         if not ok:  # find the offending value for a precise reason
@@ -142,7 +157,7 @@ TICKER_FIELDS: dict[str, tuple[str, str]] = {
     "openInterestValue": ("open_interest_value", "dec"),
     "fundingRate": ("funding_rate", "signed"),
     "nextFundingTime": ("next_funding_time", "int"),
-    "fundingIntervalHour": ("funding_interval_hour", "int"),
+    "fundingIntervalHour": ("funding_interval_hour", "int32"),
     "bid1Price": ("bid1_price", "dec"),
     "bid1Size": ("bid1_size", "dec"),
     "ask1Price": ("ask1_price", "dec"),
@@ -161,10 +176,11 @@ def _ticker_value(key: str, kind: str, value: Any) -> Any:
     if kind == "signed":
         return check_signed(value, key)
     # integers arrive as strings ("1786320000000", "8"); accept JSON ints too
+    bound = _INT32 if kind == "int32" else _LONG
     if type(value) is int:
-        return value
+        return _in_range(value, key, bound)
     if type(value) is str and _INT_STR.fullmatch(value):
-        return int(value)
+        return _in_range(int(value), key, bound)
     raise ParseError("wrong_type", f"{key}: expected an integer string, got {value!r}")
 
 
@@ -191,11 +207,11 @@ class BybitParser:
 
     # -- topics ---------------------------------------------------------------------------------
     def route(self, topic: Any) -> tuple[str, str, Any]:
+        if type(topic) is not str:  # before the cache: a list or dict is not even hashable
+            raise ParseError("wrong_type", f"topic must be a string, got {topic!r}")
         cached = self._topics.get(topic)
         if cached is not None:
             return cached
-        if type(topic) is not str:
-            raise ParseError("wrong_type", f"topic must be a string, got {topic!r}")
         parts = topic.split(".")
         channel = parts[0]
         if channel == BOOK_CHANNEL and len(parts) == 3:
