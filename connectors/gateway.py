@@ -140,6 +140,10 @@ class Gateway:
         except ParseError as exc:
             self._dead(exc, raw)
             return
+        except Exception as exc:  # noqa: BLE001 - a parser bug: keep the message and the connection
+            log.exception("parser failed on a message: dead-lettered", extra={"topic": str(topic)[:200]})
+            self._dead(ParseError("internal_error", f"parser failed: {exc!r}"[:2000]), raw)
+            return
         received = self.received
         received[topic] = received.get(topic, 0) + 1
         symbol = self.parser.route(topic)[1]

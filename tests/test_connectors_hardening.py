@@ -275,3 +275,14 @@ def test_restore_does_not_restart_a_symbol_at_zero_when_its_records_are_beyond_t
     got = restore_next_seq(bootstrap, [quiet, busy], SERDE, topics=[HEARTBEAT], max_scan=20, chunk=10)
     assert got[busy] == 60
     assert got[quiet] == 5, f"quiet symbol restarts at {got[quiet]}: gw_seq 0..4 would be published again"
+
+
+def test_a_parser_bug_is_a_dead_letter_and_the_connection_lives(stub_gateway, monkeypatch):
+    gw = stub_gateway()
+
+    def broken(msg, recv_ts):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(gw.parser, "events", broken)
+    gw.on_message(_book("65000.5"), 1)  # must not raise into the transport
+    assert [d[1] for d in gw.publisher.dead] == ["internal_error"]
