@@ -433,6 +433,7 @@ class SymbolEngine:
     # registry handling; the compiled registry is not pickled with the state (Bytewax snapshots)
     def _attach(self, registry: Registry) -> None:
         self.registry = registry
+        self._snap_version = -1  # a cached book snapshot holds the old registry's levels and bands
         self.registry_path = registry.path
         self.registry_hash = registry.hash
         self.cfg = EngineConfig.from_registry(registry)
@@ -515,6 +516,16 @@ class SymbolEngine:
         return out
 
     def _on_event(self, name: str, rec: dict, out: list) -> None:
+        if name == "MempoolStats" or name == "NewsItem":
+            # side feeds: their exchange_ts is our receive time or a publication time, not the
+            # market's clock: they join the open tile and never close one
+            if self.tile is not None:
+                self.tile.n_events += 1
+            if name == "MempoolStats":
+                self.mempool.add(rec)
+            elif self.news is not None:
+                self.news.add(rec)
+            return
         ts = rec["exchange_ts"]
         if self.clock is None:
             self.clock = ts
@@ -543,11 +554,6 @@ class SymbolEngine:
                 if self.candles.kline(rec):
                     self.count("kline_mismatch")
                 self._history_vector(rec, out)
-        elif name == "MempoolStats":
-            self.mempool.add(rec)
-        elif name == "NewsItem":
-            if self.news is not None:
-                self.news.add(rec)
         elif name == "Heartbeat":
             pass  # it only moved the clock
         else:
@@ -659,10 +665,13 @@ class SymbolEngine:
         end = tile.start + TILE_MS
         self.last_snap = snap = self._snap(end)
         tile.mid = snap.mid if snap.valid else None
-        if snap.reason.startswith("book stale") and self.book.valid and self.stale_since is None:
-            self.stale_since = end
-            log.warning("order-book stale", extra={"symbol": self.symbol, "reason": snap.reason})
-            self._request_resync(snap.reason, rec, out)
+        if snap.reason.startswith("book stale"):
+            if self.book.valid and self.stale_since is None:
+                self.stale_since = end
+                log.warning("order-book stale", extra={"symbol": self.symbol, "reason": snap.reason})
+                self._request_resync(snap.reason, rec, out)
+        elif self.stale_since is not None and snap.valid:
+            self.stale_since = None  # fresh again (deltas resumed): the next stale episode asks again
         prev = self.tiles[-1].mid if self.tiles else None
         if tile.mid is not None and prev is not None:
             tile.ret = _log(tile.mid / prev)
@@ -696,8 +705,12 @@ class SymbolEngine:
         values: dict[str, float | None] = {}
         nulls: dict[str, str] = {}
         for name, fn, spec, _ in self._plan["m1"]:
-            v = fn(ctx, spec) if spec.kind in ("candle", "candle_bar", "time_of_day") else Missing(
-                "history minute (before the live stream): candle variates only")
+            try:
+                v = fn(ctx, spec) if spec.kind in ("candle", "candle_bar", "time_of_day") else Missing(
+                    "history minute (before the live stream): candle variates only")
+            except (ArithmeticError, ValueError) as exc:
+                v = Missing(f"not computable: {type(exc).__name__}: {exc}")
+                self.count("feature_errors")
             if isinstance(v, Missing) or not _isfinite(v):
                 values[name] = None
                 nulls[name] = str(v) if isinstance(v, Missing) else f"not finite ({v})"
@@ -716,12 +729,16 @@ class SymbolEngine:
         point = ctx.point
         hists = self._hist_by_cadence[cadence]
         for name, fn, spec, shared in self._plan[cadence]:
-            if shared:
-                v = point.get(name, point)
-                if v is point:
-                    v = point[name] = fn(ctx, spec)
-            else:
-                v = fn(ctx, spec)
+            try:
+                if shared:
+                    v = point.get(name, point)
+                    if v is point:
+                        v = point[name] = fn(ctx, spec)
+                else:
+                    v = fn(ctx, spec)
+            except (ArithmeticError, ValueError) as exc:  # bad input reached a formula: a null, not a crash
+                v = Missing(f"not computable: {type(exc).__name__}: {exc}")
+                self.count("feature_errors")
             if v.__class__ is not float:
                 if isinstance(v, Missing):
                     values[name] = None

@@ -374,6 +374,8 @@ def basis_rel(ctx, spec):
     m, i = _ticker_field(ctx, "mark_price"), _ticker_field(ctx, "index_price")
     if isinstance(m, Missing) or isinstance(i, Missing):
         return m if isinstance(m, Missing) else i
+    if float(i) == 0.0:
+        return Missing("index price is 0")
     return (float(m) - float(i)) / float(i)
 
 

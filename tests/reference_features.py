@@ -10,8 +10,8 @@ engine's documented event-time rules). The tests compare only the engine's publi
 How the reference computes (and where that differs from the engine's arithmetic):
 
 * **Event time and tiles.** Events are taken in ``gw_seq`` order. An event belongs to the tile
-  ``floor(clock / 1 s)`` where ``clock`` is the running maximum of ``exchange_ts`` *including* the
-  event (pandas ``cummax``): that is exactly "a tile [k, k+1 s) closes when the first event with
+  ``floor(clock / 1 s)`` where ``clock`` is the running maximum of the market events' ``exchange_ts``
+  *including* the event (pandas ``cummax``; mempool and news records take the clock of their arrival): that is exactly "a tile [k, k+1 s) closes when the first event with
   ts >= k+1 s arrives, before that event is applied; an event earlier than the open tile goes into
   the open tile". The state at a tile end E is the state after every event of a tile < E; the tiles
   that exist are those from the first event's tile on, and the last (open) tile never closes.
@@ -199,8 +199,17 @@ class Reference:
             if r["gw_seq"] not in seen:
                 seen.add(r["gw_seq"])
                 self.events.append((n, r))
-        ts = pd.Series([r["exchange_ts"] for _, r in self.events], dtype="int64")
-        self.tile = (ts.cummax() // TILE_MS * TILE_MS).to_numpy()
+        # mempool and news records carry a receive or publication time, not the market's: they take
+        # the tile of the market clock at their arrival and move nothing (before any market event
+        # they belong to no tile)
+        side = np.array([n in ("MempoolStats", "NewsItem") for n, _ in self.events], dtype=bool)
+        ts = pd.Series([r["exchange_ts"] for _, r in self.events], dtype="float64")
+        ts[side] = np.nan
+        clock = ts.cummax().ffill()
+        self.in_tile = clock.notna().to_numpy()
+        first = clock.first_valid_index()
+        clock = clock.fillna(clock[first] if first is not None else 0)
+        self.tile = (clock.astype("int64") // TILE_MS * TILE_MS).to_numpy()
         if len(self.tile) and np.diff(self.tile).max(initial=0) > max_empty:
             raise NotImplementedError("an event-time jump restarts the engine's windows: not modelled here")
         self.levels = max([s.params.get("levels", 1) for s in self.specs] + [10])
@@ -270,7 +279,7 @@ class Reference:
         n = len(self.ends)
         def idx(t):
             return (np.asarray(t, dtype=np.int64) - first) // TILE_MS
-        self.n_events = np.bincount(idx(self.tile), minlength=n + 1)[:n]
+        self.n_events = np.bincount(idx(self.tile[self.in_tile]), minlength=n + 1)[:n]
         self.n_churn = np.bincount(idx(self.tile), weights=self.churn, minlength=n + 1)[:n].astype(np.int64)
         tr = self.trades
         zero = Decimal(0)

@@ -625,6 +625,7 @@ def test_mempool_sum_covers_the_whole_window_of_per_second_records():
         r.add("MempoolStats", T0 + (sec + 1) * 1000, chain="ETH", tx_count=3, vsize=None, total_fee=None,
               fee_fastest=2.0, fee_half_hour=1.0, fee_hour=None, fee_economy=0.5, fee_minimum=0.1, fee_histogram=[],
               projected_blocks=None, next_block_median_fee=1.0, pending_value=1.0, large_transfers=1)
+        r.heartbeat(T0 + (sec + 1) * 1000 + 1)  # the market clock closes the windows, not the side feed
     feats, _ = run_engine("ETHUSDT", r.out)
     got = feats[("m1", T0 + 120_000)]["values"]
     # the window [E - 60 s, E) holds 60 of these records (stamped E-60 s .. E-1 s): 60 seconds of flow

@@ -1,0 +1,153 @@
+"""The feature engine under unlucky input, each test a bug found in a review: a live registry reload
+on an unchanged book, an index price of 0, side feeds (mempool, news) moving the market clock or the
+venue, a second stale-book episode without a resync request.
+
+Only public entry points are used: ``SymbolEngine`` / ``new_engine`` (process, flush, reload),
+``load_registry`` and the synthetic stream of the engine tests.
+"""
+from __future__ import annotations
+
+import copy
+
+from flows.engine import new_engine
+from flows.registry import load_registry
+from tests.synth import T0, SynthStream
+
+
+def features(out, cadence=None):
+    return [r for k, r in out if k == "features" and (cadence is None or r["cadence"] == cadence)]
+
+
+def controls(out):
+    return [r for k, r in out if k == "control"]
+
+
+def reseq(events):
+    return [(name, dict(rec, gw_seq=i)) for i, (name, rec) in enumerate(events)]
+
+
+def run(events):
+    eng = new_engine("BTCUSDT")
+    out = eng.process(events)
+    out += eng.flush()
+    return out, eng
+
+
+def test_registry_reload_with_a_new_density_band_on_an_unchanged_book(tmp_path):
+    """After ``reload`` (done live by flows/dataflow.py when features.yaml changes), ``_snap`` reuses
+    the last BookSnap when the book version did not change; that snap only holds the density bands
+    (and levels) of the old registry, so a new ``liquidity_density`` band raises KeyError inside the
+    dataflow step (a quiet symbol, or any second without a book message)."""
+    s = SynthStream(seed=2)
+    s.run(3)
+    for _ in range(2):  # a quiet second: the tile closing at T0+4 s snapshots the current book
+        s.ts += 500
+        s.heartbeat()
+    eng = new_engine("BTCUSDT")
+    eng.process(s.out)
+    eng.flush()
+    reg = tmp_path / "r.yaml"
+    reg.write_text("features:\n"
+                   "  - {name: mid_price, kind: mid, inputs: [book]}\n"
+                   "  - {name: liq_50bps, kind: liquidity_density, inputs: [book], params: {bps: 50}}\n"
+                   "  - {name: depth_bid_top20, kind: depth, inputs: [book], params: {side: bid, levels: 20}}\n")
+    eng.reload(load_registry(reg))
+    n = len(s.out)
+    for _ in range(3):  # 1.5 s of heartbeats only: no book change, tiles close
+        s.ts += 500
+        s.heartbeat()
+    out = eng.process(s.out[n:])  # KeyError: 50 today
+    vec = features(out, "s1")
+    assert vec and vec[-1]["values"]["liq_50bps"] is not None
+    assert vec[-1]["values"]["depth_bid_top20"] is not None  # the synth book has 50 levels
+
+
+def test_stale_book_requests_a_resync_again_after_recovering_by_deltas():
+    """``stale_since`` is cleared only by a snapshot. When the book resumes with deltas (quiet
+    market, or the resync snapshot never came: REST blocked), every later stale episode is silent:
+    no resync request, no 'order-book stale' log."""
+    s = SynthStream(seed=5)
+    s.run(10)
+
+    def quiet(seconds):
+        for _ in range(seconds * 4):
+            s.ts += 250
+            s.heartbeat()
+
+    quiet(45)  # stale #1
+    s.run(10)  # deltas resume, u continues: the book is valid and fresh again, no snapshot
+    quiet(45)  # stale #2
+    out, _ = run(s.out)
+    stale_vecs = [r for r in features(out, "s1") if "stale" in (r["nulls"].get("mid_price") or "")]
+    assert stale_vecs[-1]["window_end"] > stale_vecs[0]["window_end"] + 40_000  # two episodes
+    ctl = [c for c in controls(out) if "stale" in c["reason"]]
+    assert len(ctl) == 2, f"expected a resync per stale episode, got {len(ctl)}"
+
+
+def _mempool(ts: int, recv_ts: int) -> dict:
+    return {"symbol": "BTCUSDT", "venue": "mempool.space", "exchange_ts": ts, "recv_ts": recv_ts, "chain": "BTC",
+            "tx_count": 1000, "vsize": 10, "total_fee": 0.1, "fee_fastest": 5.0, "fee_half_hour": 4.0,
+            "fee_hour": 3.0, "fee_economy": 2.0, "fee_minimum": 1.0, "fee_histogram": [], "projected_blocks": 2,
+            "next_block_median_fee": 3.0, "pending_value": None, "large_transfers": None}
+
+
+def _with_mempool_ahead(events, second_end: int, ahead_ms: int):
+    """Insert a MempoolStats stamped ``second_end`` (receive time, or an Alchemy per-second aggregate
+    stamped (second+1)*1000) where the market stream is still ``ahead_ms`` before it in exchange time:
+    the local clock leads Bybit's push time by the feed latency."""
+    events = copy.deepcopy(events)
+    i = next(k for k, (n, r) in enumerate(events) if r["exchange_ts"] >= second_end - ahead_ms)
+    events.insert(i, ("MempoolStats", _mempool(second_end, second_end * 1000)))
+    return reseq(events)
+
+
+MARKET = ("mid_price", "volume_1s", "trade_count_1s", "signed_volume_1s", "orderbook_churn_rate_1s", "depth_bid_top5")
+
+
+def test_a_mempool_record_does_not_change_market_features():
+    """MempoolStats.exchange_ts is the receive time (schema doc) or the end of an aggregated second,
+    not Bybit's clock, yet ``_on_event`` advances the symbol's event clock with it. The tile closes
+    early: the book deltas and trades of the last ~100 ms of Bybit's second go into the next tile
+    (counted late). The Sequencer already refuses news time as stream time for the same reason."""
+    s = SynthStream(seed=6)
+    s.run(8)
+    base = reseq(copy.deepcopy(s.out))
+    end = T0 + 5_000
+    with_mp = _with_mempool_ahead(s.out, end, ahead_ms=100)
+    a, _ = run(base)
+    b, eng = run(with_mp)
+    va = {r["window_end"]: r["values"] for r in features(a, "s1")}
+    vb = {r["window_end"]: r["values"] for r in features(b, "s1")}
+    diff = {(we, k): (va[we][k], vb[we][k]) for we in va for k in MARKET if va[we][k] != vb[we].get(k)}
+    assert not diff, f"a mempool record changed market features: {diff}; late_events={eng.counters.get('late_events')}"
+
+
+def test_vector_venue_is_the_market_venue_not_a_side_feed():
+    """``self.venue = rec['venue']`` runs for every event, so a vector closed right after a
+    MempoolStats/NewsItem carries venue 'mempool.space' (or the news source)."""
+    s = SynthStream(seed=7)
+    s.run(8)
+    events = copy.deepcopy(s.out)
+    end = T0 + 5_000
+    i = next(k for k, (n, r) in enumerate(events) if r["exchange_ts"] >= end)
+    events.insert(i, ("MempoolStats", _mempool(end - 1, (end - 1) * 1000)))  # just before the tile end
+    out, _ = run(reseq(events))
+    venues = {r["venue"] for r in features(out)}
+    assert venues == {"sim.linear"}, venues
+
+
+def test_zero_index_price_gives_a_null_not_an_exception():
+    """basis_rel divides by float(index_price) unguarded. The parser accepts "0" (a valid decimal;
+    only "" becomes None), and nothing in _vector catches exceptions, so one such ticker raises
+    ZeroDivisionError in the dataflow step (the reference in tests/reference_features.py maps a
+    zero division to a 'not_finite' null)."""
+    s = SynthStream(seed=9)
+    s.run(2)
+    rec = s.ticker()
+    rec["index_price"] = "0"
+    for _ in range(4):  # the next second closes with that ticker state
+        s.ts += 500
+        s.heartbeat()
+    out, _ = run(s.out)  # ZeroDivisionError today
+    vec = features(out, "s1")[-1]
+    assert vec["values"]["basis_rel"] is None
