@@ -64,7 +64,11 @@ class ChampionWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one bad poll
+                self.last_error = f"champion check failed: {type(exc).__name__}: {exc}"[:500]
+                log.exception("champion check failed; polling goes on")
             self._kick.wait(self.poll_s)
             self._kick.clear()
 
@@ -103,12 +107,19 @@ class ChampionWatcher:
                 return False
             try:
                 model = self._load(version, mv)
-            except Exception as exc:
+            except ModelContractError as exc:  # the model itself is wrong: refused until the alias moves
                 reason = f"{type(exc).__name__}: {exc}"
                 self.refused[version] = reason
                 self.last_error = f"champion version {version} refused: {reason}"
                 log.error("champion refused; the previous model keeps serving",
                           extra={"version": version, "error": reason})
+                return False
+            except Exception as exc:  # noqa: BLE001 - e.g. the artifact store unreachable: try again next poll
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                if self.last_error != f"champion version {version} not loaded yet: {reason}":
+                    log.error("champion could not be loaded; retrying at the next poll",
+                              extra={"version": version, "error": reason})
+                self.last_error = f"champion version {version} not loaded yet: {reason}"
                 return False
             old = self.current
             self.current = model  # the swap: one reference assignment
@@ -249,6 +260,8 @@ def _promoted_ts(mv) -> int | None:
         if raw:
             try:
                 return int(float(raw))
+            except OverflowError:  # "inf", "1e999": not a time
+                continue
             except ValueError:
                 try:
                     import datetime as dt

@@ -114,9 +114,12 @@ class JobRunner:
         job.status = "running"
         job.started_ts = time.time()
         log.info("job started", extra={"job_id": job.id, "kind": job.kind})
+        proc = timer = None
         try:
+            # errors="replace": a child's stray non-UTF-8 byte must not end the supervision of the child
             proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    cwd=self.cwd, env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
+                                    errors="replace", cwd=self.cwd,
+                                    env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
             self._procs[job.id] = proc
             timer = threading.Timer(self.timeout_s, proc.kill)
             timer.start()
@@ -138,6 +141,11 @@ class JobRunner:
             job.status = "failed"
             job.error = f"{type(exc).__name__}: {exc}"
         finally:
+            if timer is not None:
+                timer.cancel()
+            if proc is not None and proc.poll() is None:  # never leave a child running unsupervised
+                proc.kill()
+                proc.wait()
             job.finished_ts = time.time()
             self._procs.pop(job.id, None)
             log.info("job finished", extra={"job_id": job.id, "kind": job.kind, "status": job.status})

@@ -111,8 +111,8 @@ def time_range(frm: str | None, to: str | None, default_to: int, default_span_ms
                max_days: float = MAX_RANGE_DAYS) -> tuple[int, int]:
     t = parse_time(to, "to")
     f = parse_time(frm, "from")
-    if t is None:
-        t = default_to if f is None else min(_MS_MAX, f + default_span_ms)
+    if t is None:  # the latest minute, as documented (a from in the future gives an empty range)
+        t = default_to if f is None else min(_MS_MAX, max(f, default_to))
     if f is None:
         f = max(0, t - default_span_ms)
     if f > t:
@@ -170,6 +170,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = []
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):  # 400, as documented
+            return JSONResponse(status_code=400, content={"detail": "the body is not valid JSON"})
         for e in exc.errors():
             loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body", "path", "header"))
             errs.append(f"{loc or 'request'}: {e.get('msg')}")
@@ -386,13 +388,8 @@ def create_app(settings: Settings | None = None, options: ApiOptions | None = No
         """Train on a built dataset in a child process (model/train.py); poll GET /model/train/{id}."""
         _dataset_manifest(body.dataset_id)  # 404 for an unknown id, before any process starts
         argv = [sys.executable, "-m", "model.train", "--dataset", body.dataset_id]
-        for k, v in (body.config or {}).items():
-            if not re.fullmatch(r"[a-z_]{1,40}", k):
-                raise HTTPException(422, f"config key {k[:40]!r}: lower_snake_case names only")
-            if k in ("epochs", "threads"):
-                argv += [f"--{k}", str(int(v))]
-            else:
-                raise HTTPException(422, f"config key {k!r} is not settable here (epochs, threads)")
+        for k, v in (body.config.model_dump(exclude_none=True) if body.config else {}).items():
+            argv += [f"--{k}", str(v)]  # typed and bounded by TrainConfigIn
         try:
             job = jobs.submit("train", argv, body.model_dump())
         except JobQueueFull as exc:

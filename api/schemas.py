@@ -242,9 +242,10 @@ class BacktestOut(BaseModel):
 
 class ModelOut(BaseModel):
     name: str = Field(description="registered model name")
-    metrics: dict[str, float] = Field(default_factory=dict, description="the metrics the champion's training run "
-                                      "logged: val_*/test_* per target (pinball, coverage, MAE, ...), the baselines' "
-                                      "and the previous champion's (champion_val_*) on the same split")
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict, description="the metrics the champion's training run logged: val_*/test_* per target "
+        "(pinball, coverage, MAE, ...), the baselines' and the previous champion's (champion_val_*) on the same "
+        "split; null where the run logged a non-finite value")
     champion_version: str | None
     loaded_at: float | None = Field(description="when this API loaded it, epoch s")
     promoted_ts: int | None = Field(description="when it became champion, epoch ms (the registry's promotion log, "
@@ -347,11 +348,17 @@ class DatasetBuildIn(BaseModel):
     flat_threshold: float = Field(0.001, ge=0, lt=1)
 
 
+class TrainConfigIn(BaseModel):
+    """The trainer settings a caller may override (the rest come from the model's config file)."""
+    model_config = ConfigDict(extra="forbid")
+    epochs: int | None = Field(None, ge=1, le=1000, description="passed to the trainer as --epochs")
+    threads: int | None = Field(None, ge=1, le=64, description="passed to the trainer as --threads")
+
+
 class TrainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    config: dict[str, float | int | str | bool] | None = Field(
-        None, description="experiment overrides passed to the trainer as --set key=value")
+    config: TrainConfigIn | None = None
 
 
 class RegistryReloadOut(BaseModel):

@@ -2,8 +2,9 @@
 
 Events ``forecast``, ``signal`` and ``alert`` carry an ``id`` (an integer that only grows, also across
 restarts: it starts from the boot time in µs) and are kept in a bounded replay buffer, so a client
-that reconnects with ``Last-Event-ID`` gets what it missed while that is still buffered; when it is
-not, the first event it receives is a ``heartbeat`` with ``"gap": true``. ``heartbeat`` events (no id,
+that reconnects with ``Last-Event-ID`` gets what it missed while that is still buffered, then a
+``heartbeat``; when part of it is no longer buffered, that heartbeat (right after what could be
+replayed) carries ``"gap": true``. ``heartbeat`` events (no id,
 never replayed) go to every client every ``heartbeat_s`` and carry the server time and the champion
 version. Each event is encoded once, whatever the number of clients, and a batch (a minute's
 forecasts and signals) reaches each client as one chunk, one write. A client whose queue is full

@@ -271,12 +271,15 @@ class Store:
         if extra is not None:
             flt = _and(flt, extra)
         out: dict[tuple, dict] = {}
+        # the unflushed rows first: a commit landing between the two reads then leaves its rows in
+        # the table's snapshot or in this copy, never in neither (duplicates: the table's row wins)
+        unflushed = list(self._unflushed(table))
         ds = self._dataset(table)
         if ds is not None:
             for r in ds.to_table(filter=flt, columns=columns).to_pylist():
                 out.setdefault(_key(table, r) if columns is None or all(k in r for k in KEYS[table])
                                else id(r), r)
-        for r in self._unflushed(table):
+        for r in unflushed:
             if syms is not None and r["symbol"] not in syms:
                 continue
             if origin_from is not None and r["origin_ts"] < origin_from:
