@@ -115,10 +115,9 @@ def backtest_recent(model: OnnxModel, history: SymbolHistory, symbol: str, candl
     frame = pd.DataFrame({"minute_ts": origins, "open": [c["open"] for c in cdl],
                           "close": [c["close"] for c in cdl]}).astype({"open": float, "close": float})
     sig = pd.DataFrame({"minute_ts": origins, "position": pos})
-    known = frame.dropna()
     bt = None
-    if len(known) >= 2:
-        bt = last_n_candles(known, sig, n=candles, cfg=_bt_config(fee_bps, slippage_bps))
+    if frame.dropna().shape[0] >= 2:  # minutes without a candle stay in: their signals still execute
+        bt = last_n_candles(frame, sig, n=candles, cfg=_bt_config(fee_bps, slippage_bps))
     # forecast quality where the horizon has passed
     H = spec.horizon
     end = latest + H * MINUTE_MS
@@ -176,6 +175,11 @@ def pnl_from_store(candles: Iterable[dict], predictions: Iterable[dict], *, fee_
         return {"stats": None, "equity": [], "signals": counts, "minutes": len(c),
                 "reason": "fewer than 2 stored candles in the period"}
     c = c.sort_values("origin_ts").drop_duplicates("origin_ts")
+    # every minute of the span, a missing candle as NaN: the signal published at such a minute still
+    # executes at the next open (run_backtest skips the minutes without a price)
+    first, last = int(c["origin_ts"].iloc[0]), int(c["origin_ts"].iloc[-1])
+    c = c.set_index("origin_ts").reindex(np.arange(first, last + 1, MINUTE_MS, dtype=np.int64))
+    c = c.rename_axis("origin_ts").reset_index()
     pos = []
     for t in c["origin_ts"]:
         p = by_origin.get(int(t))

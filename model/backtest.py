@@ -53,16 +53,21 @@ def positions_from_scores(score: np.ndarray, threshold: float, hold: int = 1,
     """Signals -1/0/+1: long when score > threshold, short when score < -threshold, flat otherwise;
     re-decided every ``hold`` minutes (counted from each segment's start) and kept in between."""
     score = np.asarray(score, float)
-    n = len(score)
     raw = np.where(score > threshold, 1.0, np.where(score < -threshold, -1.0, 0.0))
     raw[~np.isfinite(score)] = 0.0
+    return np.nan_to_num(held_between_decisions(raw, hold, segment_start))
+
+
+def held_between_decisions(values: np.ndarray, hold: int, segment_start: np.ndarray | None = None) -> np.ndarray:
+    """Each value taken every ``hold`` minutes (counted from each segment's first row;
+    ``segment_start`` holds that row's position in ``values``) and kept in between."""
+    values = np.asarray(values, float)
     if hold <= 1:
-        return raw
+        return values
+    n = len(values)
     seg = np.zeros(n, np.int64) if segment_start is None else np.asarray(segment_start)
-    pos_in_seg = np.arange(n) - seg
-    decide = (pos_in_seg % hold) == 0
-    out = pd.Series(np.where(decide, raw, np.nan)).groupby(seg).ffill().fillna(0.0).to_numpy()
-    return out
+    decide = ((np.arange(n) - seg) % hold) == 0
+    return pd.Series(np.where(decide, values, np.nan)).groupby(seg).ffill().to_numpy()
 
 
 def size_positions(signal: np.ndarray, cfg: BacktestConfig, vol_per_min: np.ndarray | None = None) -> np.ndarray:
@@ -81,20 +86,25 @@ def size_positions(signal: np.ndarray, cfg: BacktestConfig, vol_per_min: np.ndar
 
 
 def funding_per_bar(minute_ts: np.ndarray, funding: pd.DataFrame | None, fallback: float | None) -> np.ndarray:
-    """Rate charged at the end of each bar: the settlement whose time equals the bar's close."""
+    """Rate charged at the end of each bar. With a history: each settlement of it goes to the bar
+    whose span (previous bar's end, this bar's end] holds its time, whatever the schedule (8 h, 4 h,
+    1 h; a bar after missing minutes takes a settlement that fell in them). Without one (or for an
+    8-hour settlement the history lacks): ``fallback`` at 00/08/16 UTC."""
     ts = np.asarray(minute_ts, np.int64)
     bar_end = ts + 60_000
-    settle = (bar_end % FUNDING_INTERVAL_MS) == 0
     out = np.zeros(len(ts))
+    if not len(ts):
+        return out
+    charged = np.zeros(len(ts), bool)
     if funding is not None and len(funding):
-        f = funding.sort_values("ts")
-        rates = pd.Series(f["rate"].to_numpy(float), index=f["ts"].to_numpy(np.int64))
-        hit = rates.reindex(bar_end[settle])
-        vals = hit.to_numpy()
-        if fallback is not None:
-            vals = np.where(np.isnan(vals), fallback, vals)
-        out[settle] = np.nan_to_num(vals, nan=0.0)
-    elif fallback is not None:
+        f_ts = funding["ts"].to_numpy(np.int64)
+        rate = funding["rate"].to_numpy(float)
+        k = np.searchsorted(bar_end, f_ts, side="left")  # first bar ending at or after the settlement
+        inside = (k < len(ts)) & (f_ts > ts[0]) & np.isfinite(rate)
+        np.add.at(out, k[inside], rate[inside])
+        charged[k[inside]] = True
+    if fallback is not None:
+        settle = ((bar_end % FUNDING_INTERVAL_MS) == 0) & ~charged
         out[settle] = fallback
     return out
 
@@ -158,6 +168,15 @@ def run_backtest(minute_ts: Sequence[int], open_: Sequence[float], close: Sequen
         raise ValueError("minute_ts, open, close and position must have the same length")
     if n and np.any(np.diff(ts) <= 0):
         raise ValueError("minute_ts must be strictly increasing")
+    priced = np.isfinite(o) & np.isfinite(c) & (o > 0) & (c > 0)
+    if not priced.all():
+        # a minute without a price cannot trade: the backtest runs on the priced minutes, so the
+        # move across the missing ones is the next priced minute's gap, earned by the position held
+        # over it (not a silent zero), and the last decision before the next priced open (one taken
+        # at a minute without a candle included) is what executes there
+        idx = np.flatnonzero(priced)
+        last_decision = np.append(idx[1:], n) - 1
+        return run_backtest(ts[idx], o[idx], c[idx], p[last_decision], cfg, funding)
     p1 = np.concatenate([[0.0], p[:-1]])            # p_{k-1}
     p2 = np.concatenate([[0.0, 0.0], p[:-2]])[:n]   # p_{k-2}
     c_prev = np.concatenate([[np.nan], c[:-1]])
@@ -255,7 +274,9 @@ def portfolio_backtest(frames: dict[str, pd.DataFrame], cfg: BacktestConfig,
     trades = np.concatenate([r.trades for r in results.values()]) / len(results)
     total = backtest_stats(df.index.to_numpy(np.int64), net, equity, pos, np.zeros(len(net)), np.zeros(len(net)),
                            cfg.capital, trades)
+    # the combined net already holds each symbol's costs and funding (on capital / n_symbols)
     total["fees_paid"] = float(sum(s["fees_paid"] for s in per.values()) / max(1, len(per)))
+    total["funding_paid"] = float(sum(s["funding_paid"] for s in per.values()) / max(1, len(per)))
     return {"per_symbol": per, "total": total, "results": results}
 
 

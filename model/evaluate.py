@@ -19,6 +19,7 @@ import pandas as pd
 
 from model.backtest import (
     BacktestConfig,
+    held_between_decisions,
     portfolio_backtest,
     positions_from_scores,
     score_from_forecast,
@@ -47,8 +48,11 @@ def backtest_forecast(w: Windows, origins: np.ndarray, fc: dict, threshold: floa
         for s0 in np.unique(w.seg_start[o]):
             oo = o[w.seg_start[o] == s0]
             rows = np.arange(oo.min(), oo.max() + 1)
-            sig = positions_from_scores(score[rows], threshold, hold, np.full(len(rows), rows[0]))
-            pos = size_positions(sig, cfg, vol[rows] if cfg.sizing == "vol_target" else None)
+            # decisions every `hold` minutes from the span's first minute; a vol-target size is set
+            # at the decision too and kept with the sign (no resizing fees inside a holding period)
+            sig = positions_from_scores(score[rows], threshold, hold)
+            pos = size_positions(sig, cfg, held_between_decisions(vol[rows], hold)
+                                 if cfg.sizing == "vol_target" else None)
             parts.append(pd.DataFrame({"minute_ts": w.ts[rows], "open": w.open[rows], "close": w.close[rows],
                                        "position": pos}))
         # segments of one symbol are run back to back (a flat bar at each junction)

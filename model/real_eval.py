@@ -44,7 +44,7 @@ def _merge_backtests(parts: list[dict]) -> dict:
     from model.backtest import backtest_stats
 
     nets, ts, trades, pos = [], [], [], []
-    fees = 0.0
+    fees = funding_paid = 0.0
     for p in parts:
         df = pd.concat([pd.Series(r.net, index=r.ts) for r in p["results"].values()], axis=1).fillna(0.0).sort_index()
         nets.append(df.mean(axis=1).to_numpy())
@@ -53,11 +53,13 @@ def _merge_backtests(parts: list[dict]) -> dict:
                                             axis=1).fillna(0.0).sort_index()).sum(axis=1).to_numpy()))
         trades.append(np.concatenate([r.trades for r in p["results"].values()]) / len(p["results"]))
         fees += p["total"]["fees_paid"]
+        funding_paid += p["total"]["funding_paid"]
     net, t = np.concatenate(nets), np.concatenate(ts)
     equity = 10_000.0 * np.cumprod(1 + net)
     total = backtest_stats(t, net, equity, np.concatenate(pos), np.zeros(len(net)), np.zeros(len(net)), 10_000.0,
                            np.concatenate(trades))
     total["fees_paid"] = fees
+    total["funding_paid"] = funding_paid
     results = {}
     for p in parts:
         for sym, r in p["results"].items():
