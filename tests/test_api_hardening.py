@@ -233,7 +233,7 @@ def test_a_job_whose_output_is_not_utf8_is_not_left_running_behind_the_next_one(
 
     pidfile = tmp_path / "pid"
     code = (f"import os, sys, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
-            "sys.stdout.buffer.write(bytes([255, 254]) + b' bad\\n'); sys.stdout.flush(); time.sleep(20)")
+            "sys.stdout.buffer.write(bytes([255, 254]) + b' bad\\n'); sys.stdout.flush(); time.sleep(1)")
     jr = JobRunner()
     job = jr.submit("train", [sys.executable, "-c", code], {})
     deadline = time.monotonic() + 10
@@ -250,6 +250,7 @@ def test_a_job_whose_output_is_not_utf8_is_not_left_running_behind_the_next_one(
                 alive = False
         assert not (job.status == "failed" and alive), (
             f"job reported {job.status} ({job.error}) while its child {pid} still runs unsupervised")
+        assert job.status == "succeeded" and any("bad" in line for line in job.output), (job.status, job.error)
     finally:
         if pid is not None:
             try:
