@@ -445,6 +445,9 @@ class SymbolEngine:
         if self.cfg.tile_history_s < need:
             raise ValueError(f"engine.tile_history_s={self.cfg.tile_history_s} is shorter than the longest "
                              f"book/trade window of the registry ({need - 1} s) + 1")
+        # windowed book/trade features: the window's length in tiles (see _window_gap)
+        self._window_tiles = {s.name: s.window_ms // TILE_MS for s in registry.features
+                              if s.window_ms > 0 and {"book", "trades"} & set(s.inputs)}
         self._levels = max([s.params.get("levels", 1) for s in registry.features] + [10])
         self._density = tuple(sorted({s.params["bps"] for s in registry.features if s.kind == "liquidity_density"}))
         # inputs of derived features need a value history per cadence
@@ -722,13 +725,35 @@ class SymbolEngine:
             "event_count": 0, "last_gw_seq": rec["gw_seq"], "close_recv_ts": rec["recv_ts"], "emit_ts": 0,
             "history": True}))
 
+    def _window_gap(self, k: int) -> str:
+        """Why a window of the last ``k`` tiles cannot give a book/trade feature ("" when it can): it
+        is not covered yet (start-up, or windows restarted after an event-time jump), or nothing at
+        all, not even a heartbeat, arrived in it (an outage: zero trades would be invented)."""
+        tiles = self.tiles
+        if len(tiles) < k:
+            return f"window not full: {len(tiles)} of {k} s since the stream (re)started"
+        if not any(t.n_events for t in last_tiles(tiles, k)):
+            return "no events in the window (feed outage)"
+        return ""
+
     def _vector(self, ctx: WindowContext, cadence: str, period: int, rec: dict) -> dict:
         ctx.cadence = cadence
         ctx.values = values = {}
         nulls: dict[str, str] = {}
         point = ctx.point
         hists = self._hist_by_cadence[cadence]
+        window_tiles = self._window_tiles
+        gaps: dict[int, str] = {}
         for name, fn, spec, shared in self._plan[cadence]:
+            k = window_tiles.get(name)
+            if k is not None:
+                why = gaps.get(k)
+                if why is None:
+                    why = gaps[k] = self._window_gap(k)
+                if why:
+                    values[name] = None
+                    nulls[name] = why
+                    continue
             try:
                 if shared:
                     v = point.get(name, point)

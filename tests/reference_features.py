@@ -15,6 +15,9 @@ How the reference computes (and where that differs from the engine's arithmetic)
   ts >= k+1 s arrives, before that event is applied; an event earlier than the open tile goes into
   the open tile". The state at a tile end E is the state after every event of a tile < E; the tiles
   that exist are those from the first event's tile on, and the last (open) tile never closes.
+* **Covered windows.** A feature over a window of book or trade tiles is null until the stream has
+  closed as many tiles as the window is long, and null when no event at all (not even a heartbeat)
+  fell in the window (a feed outage is no "zero activity").
 * **Exact arithmetic.** Book levels, trade prices and sizes, ticker fields are ``Decimal``; window
   sums are prefix sums of exact ``Decimal`` values (the engine: ``math.fsum`` of floats converted
   from the same strings), OLS slopes, Kyle's lambda, Roll's covariance and the return statistics are
@@ -384,6 +387,14 @@ class Reference:
         return self._compute(s, j, end, cadence, values, history)
 
     def _compute(self, s: Spec, j: int, end: int, cadence: str, values: dict, history: dict) -> RefValue:
+        k = s.window_ms // TILE_MS
+        if k and {"book", "trades"} & set(s.inputs):
+            # a book/trade window must be covered by the stream and hold at least one event
+            if j + 1 < k:
+                return RefValue(Null("window_not_full"))
+            i, kk = self._span(j, s.window_ms)
+            if not self.n_events[i:kk].sum():
+                return RefValue(Null("no_events"))
         try:
             r = getattr(self, f"f_{s.kind}")(s, j, end, cadence=cadence, values=values, history=history)
         except ZeroDivisionError:

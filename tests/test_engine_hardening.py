@@ -1,6 +1,7 @@
 """The feature engine under unlucky input, each test a bug found in a review: a live registry reload
 on an unchanged book, an index price of 0, side feeds (mempool, news) moving the market clock or the
-venue, a second stale-book episode without a resync request.
+venue, a second stale-book episode without a resync request, book/trade windows not yet covered by
+the stream or holding no event at all (an outage is not "zero activity").
 
 Only public entry points are used: ``SymbolEngine`` / ``new_engine`` (process, flush, reload),
 ``load_registry`` and the synthetic stream of the engine tests.
@@ -151,3 +152,37 @@ def test_zero_index_price_gives_a_null_not_an_exception():
     out, _ = run(s.out)  # ZeroDivisionError today
     vec = features(out, "s1")[-1]
     assert vec["values"]["basis_rel"] is None
+
+
+def test_windows_over_a_feed_outage_are_null_not_zero_activity():
+    """A gateway outage (no events at all, not even heartbeats) of 5 minutes: when the stream
+    resumes the engine closes every tile of the gap. The book features of those windows are null
+    (stale), but volume/trade_count/signed_volume say 0.0: 'no activity' invented for 'no data'
+    (feature_kinds: 'never a stale or invented value'), while the vector's own event_count is 0."""
+    s = SynthStream(seed=4)
+    s.run(30)
+    s.ts += 300_000  # outage
+    s.run(5)
+    out, _ = run(s.out)
+    gap = [r for r in features(out, "m1") if r["event_count"] == 0]
+    assert gap, "expected m1 vectors inside the outage"
+    r = gap[-1]
+    assert r["values"]["mid_price"] is None and "stale" in r["nulls"]["mid_price"]
+    bad = {k: r["values"][k] for k in ("volume_1m", "trade_count_1m", "signed_volume_1m") if r["values"][k] is not None}
+    assert not bad, f"window with zero events reports {bad}"
+
+
+def test_five_minute_features_are_null_until_five_minutes_of_tiles_exist():
+    """return_std needs 'max(2, half the window's tiles)' returns, but 'the window's tiles' is the
+    number of tiles that exist, so at start (and after a >1 h clock jump) volatility_5m is computed
+    from 1 minute of data and labelled 5m; vpin_5m / kyle_lambda_5m / roll_measure_5m likewise use
+    whatever exists. The offline replay starts warmup_ms early, so these partial values appear
+    only online: the model gets a 1-minute statistic under a 5-minute name."""
+    s = SynthStream(seed=8)
+    s.run(65)
+    out, _ = run(s.out)
+    first = features(out, "m1")[0]
+    assert first["window_end"] == T0 + 60_000
+    partial = {k: first["values"][k] for k in ("volatility_5m", "vpin_5m", "kyle_lambda_5m", "roll_measure_5m")
+               if first["values"][k] is not None}
+    assert not partial, f"5-minute features from 60 s of data: {partial}"

@@ -62,6 +62,10 @@ REASONS = [
     (r"^\w+ did not vary over the last \d+ values$", "no_variation"),
     (r"^\w+ is null in this window$", "input_null"),
     (r"^not finite ", "not_finite"),
+    (r"^not computable: ", "not_finite"),  # an arithmetic error (the reference's ZeroDivisionError)
+    (r"^index price is 0$", "not_finite"),
+    (r"^window not full: \d+ of \d+ s ", "window_not_full"),
+    (r"^no events in the window ", "no_events"),
 ]
 
 
