@@ -40,6 +40,7 @@ class EngineConfig:
     """Behaviour that shapes outputs; lives in the registry's ``engine:`` block (so in its hash)."""
 
     book_stale_ms: int = 30_000  # no book update for this long at a window end: book features null
+    ticker_stale_ms: int = 60_000  # no ticker for this long at a window end: ticker features null
     resync_interval_ms: int = 5_000  # at most one resync request per symbol per interval (event time)
     seq_hold_events: int = 5_000  # a gw_seq hole is declared when this many later events wait ...
     seq_hold_ms: int = 5_000  # ... or when they span this much event time (features.yaml: 20 s)

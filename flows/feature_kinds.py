@@ -337,8 +337,14 @@ def vpin(ctx, spec):
 
 # --- perpetual contract (ticker state) -------------------------------------------------------------
 def _ticker_field(ctx, field: str):
-    v = ctx.ticker.get(field)
-    return Missing(f"no {field} from the ticker yet") if v is None else v
+    ticker = ctx.ticker
+    v = ticker.get(field)
+    if v is None:
+        return Missing(f"no {field} from the ticker yet")
+    ts = ticker.get("exchange_ts")
+    if ts is not None and ctx.window_end - ts > ctx.engine.cfg.ticker_stale_ms:
+        return Missing(f"ticker stale: no update for {(ctx.window_end - ts) // 1000} s")
+    return v
 
 
 @kind("funding_rate", inputs=("ticker",), point=True)

@@ -195,6 +195,7 @@ class Reference:
         self.symbol = symbol
         self.specs, cfg = load_specs(registry)
         self.stale_ms = int(cfg.get("book_stale_ms", 30_000))
+        self.ticker_stale_ms = int(cfg.get("ticker_stale_ms", 60_000))
         max_empty = int(cfg.get("max_empty_ms", 3_600_000))
         evs = sorted(((n, r) for n, r in events if r["gw_seq"] >= 0), key=lambda e: e[1]["gw_seq"])
         seen, self.events = set(), []
@@ -592,8 +593,13 @@ class Reference:
 
     # perpetual contract
     def _ticker(self, j, key):
-        v = self.end_state[j][1].get(key)
-        return (Null("no_ticker_field"), None) if v is None else (None, v)
+        state = self.end_state[j][1]
+        v = state.get(key)
+        if v is None:
+            return Null("no_ticker_field"), None
+        if "exchange_ts" in state and int(self.ends[j]) - state["exchange_ts"] > self.ticker_stale_ms:
+            return Null("ticker_stale"), None  # the last ticker is too old to stand for the present
+        return None, v
 
     def f_funding_rate(self, s, j, end, **_):
         null, v = self._ticker(j, "funding_rate")

@@ -1,7 +1,8 @@
 """The feature engine under unlucky input, each test a bug found in a review: a live registry reload
 on an unchanged book, an index price of 0, side feeds (mempool, news) moving the market clock or the
 venue, a second stale-book episode without a resync request, book/trade windows not yet covered by
-the stream or holding no event at all (an outage is not "zero activity").
+the stream or holding no event at all (an outage is not "zero activity"), ticker values outliving
+the ticker stream.
 
 Only public entry points are used: ``SymbolEngine`` / ``new_engine`` (process, flush, reload),
 ``load_registry`` and the synthetic stream of the engine tests.
@@ -186,3 +187,20 @@ def test_five_minute_features_are_null_until_five_minutes_of_tiles_exist():
     partial = {k: first["values"][k] for k in ("volatility_5m", "vpin_5m", "kyle_lambda_5m", "roll_measure_5m")
                if first["values"][k] is not None}
     assert not partial, f"5-minute features from 60 s of data: {partial}"
+
+
+def test_ticker_features_turn_null_when_the_ticker_stops():
+    """The book has book_stale_ms and the mempool max_age_s, but funding_rate, basis, basis_rel,
+    open_interest and time_to_funding keep the last ticker forever. Here the ticker stream stops
+    for 10 minutes while book and trades go on: the values are presented as current."""
+    s = SynthStream(seed=3)
+    s.run(5)
+    last_ticker_ts = max(r["exchange_ts"] for n, r in s.out if n == "Ticker")
+    s.ticker = lambda *a, **k: None  # the tickers subscription silently died
+    s.run(600)
+    out, _ = run(s.out)
+    vec = features(out, "m1")[-1]
+    assert vec["window_end"] - last_ticker_ts > 590_000
+    assert vec["values"]["mid_price"] is not None  # the book is live
+    stale = {k: vec["values"][k] for k in ("basis", "basis_rel", "open_interest", "funding_rate")}
+    assert all(v is None for v in stale.values()), f"10-minute-old ticker values presented as current: {stale}"

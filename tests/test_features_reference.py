@@ -53,6 +53,7 @@ REASONS = [
     (r"^no variation in signed volume$", "no_signed_volume_variation"),
     (r"^only \d+ consecutive trade price changes$", "few_price_changes"),
     (r"^no \w+ from the ticker yet$", "no_ticker_field"),
+    (r"^ticker stale: no update for \d+ s$", "ticker_stale"),
     (r"^no mempool data for this symbol$", "no_mempool"),
     (r"^mempool data stale ", "mempool_stale"),
     (r"^mempool source gives no \w+$", "mempool_field_missing"),
