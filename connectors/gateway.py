@@ -177,6 +177,8 @@ class Gateway:
                 conn.rejected(msg)
             self.publisher.dead_letter("gateway.bybit.control", f"{kind}_rejected", str(msg.get("ret_msg")), raw,
                                        topic=None)
+        elif conn is not None:
+            conn.acknowledged(msg)
 
     # -- heartbeats -----------------------------------------------------------------------------
     def heartbeat_once(self) -> int:

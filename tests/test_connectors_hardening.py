@@ -286,3 +286,39 @@ def test_a_parser_bug_is_a_dead_letter_and_the_connection_lives(stub_gateway, mo
     monkeypatch.setattr(gw.parser, "events", broken)
     gw.on_message(_book("65000.5"), 1)  # must not raise into the transport
     assert [d[1] for d in gw.publisher.dead] == ["internal_error"]
+
+
+def test_only_an_unknown_topic_is_given_up_for_good():
+    """A refusal drops a topic for good only when it names the topic as unknown ("handler not found");
+    "already subscribed" loses nothing, and a reason that names no topic (a rate limit) retries the
+    request later instead of silently unsubscribing healthy topics."""
+    from connectors.bybit.ws import BybitConnection
+
+    async def main():
+        topics = ["orderbook.50.BTCUSDT", "publicTrade.BTCUSDT", "tickers.NOPEUSDT"]
+        conn = BybitConnection(DEAD_WS, topics, lambda *a: None)
+        sent: list[list[str]] = []
+
+        class WS:
+            async def send(self, text):
+                sent.append(json.loads(text).get("args", []))
+
+        conn.ws = WS()
+
+        async def refuse(args, ret_msg):
+            req = await conn.send_op("subscribe", args)
+            return conn.rejected({"success": False, "ret_msg": ret_msg, "op": "subscribe", "req_id": req})
+
+        assert await refuse(["publicTrade.BTCUSDT"], "error:already subscribed,topic:publicTrade.BTCUSDT") == []
+        assert await refuse(["orderbook.50.BTCUSDT"], "too many visits") == []
+        assert await refuse(topics[1:], "error:handler not found,topic:tickers.NOPEUSDT") == ["tickers.NOPEUSDT"]
+        ok = await conn.send_op("subscribe", ["orderbook.50.BTCUSDT"])
+        conn.acknowledged({"success": True, "req_id": ok})
+        await asyncio.sleep(0.05)
+        return conn.topics, conn._requests, sent
+
+    topics, pending, sent = asyncio.run(main())
+    assert topics == ["orderbook.50.BTCUSDT", "publicTrade.BTCUSDT"]  # only the unknown one is gone
+    assert ["publicTrade.BTCUSDT"] in sent[4:]  # the rest of the refused request, subscribed again
+    # answered requests are not kept: only the retry of the rest still waits for its answer
+    assert list(pending.values()) == [("subscribe", ["publicTrade.BTCUSDT"])]

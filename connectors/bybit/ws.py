@@ -227,7 +227,16 @@ class BybitConnection:
         op, args = self._requests.pop(str(msg.get("req_id")), ("", []))
         if op != "subscribe" or not args:
             return []
-        m = re.search(r"topic:([A-Za-z0-9.]+)", str(msg.get("ret_msg", "")))
+        ret = str(msg.get("ret_msg", ""))
+        if "already subscribed" in ret:
+            return []  # the topic is live on this connection: nothing is lost
+        if "not found" not in ret and "invalid" not in ret.lower():
+            # not a verdict on a topic (rate limit, a passing server error): the same request again, later
+            log.warning("subscribe refused for a reason that names no bad topic: retrying in 5 s",
+                        extra={"conn": self.name, "topics": args, "ret_msg": ret[:300]})
+            asyncio.ensure_future(self._retry(args, delay_s=5.0))
+            return []
+        m = re.search(r"topic:([A-Za-z0-9.]+)", ret)
         if m and m.group(1) in args:
             bad = [m.group(1)]
         elif len(args) == 1:
@@ -245,7 +254,13 @@ class BybitConnection:
             "conn": self.name, "topics": bad, "ret_msg": msg.get("ret_msg")})
         return bad
 
-    async def _retry(self, topics: list[str]) -> None:
+    def acknowledged(self, msg: dict) -> None:
+        """A successful reply: its request no longer waits for an answer."""
+        self._requests.pop(str(msg.get("req_id")), None)
+
+    async def _retry(self, topics: list[str], delay_s: float = 0.0) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
         if self.ws is None:
             return  # the reconnect subscribes what is left
         try:
