@@ -92,7 +92,8 @@ class BybitRest:
 
     def __init__(self, base_url: str, *, category: str = "linear", rate_per_s: float = 10.0,
                  max_retries: int = 5, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 backoff_403_s: float = 60.0, timeout_s: float = 10.0, rng: random.Random | None = None):
+                 backoff_403_s: float = 60.0, backoff_403_max_s: float = 300.0, timeout_s: float = 10.0,
+                 rng: random.Random | None = None):
         import httpx
 
         self.base_url = base_url.rstrip("/")
@@ -102,6 +103,7 @@ class BybitRest:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.backoff_403_s = backoff_403_s
+        self.backoff_403_max_s = backoff_403_max_s  # Bybit: HTTP 403 "access too frequent" -> minutes
         self.rng = rng or random.Random()
         self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s,
                                       headers={"User-Agent": "tickcast/0.1 (analytics)"})
@@ -119,7 +121,7 @@ class BybitRest:
 
     def _delay(self, attempt: int, status: int | None) -> float:
         base = self.backoff_403_s if status == 403 else self.backoff_base_s
-        cap = max(self.backoff_max_s, self.backoff_403_s) if status == 403 else self.backoff_max_s
+        cap = max(self.backoff_403_max_s, self.backoff_403_s) if status == 403 else self.backoff_max_s
         return self.rng.uniform(base / 2, min(cap, base * 2 ** attempt))
 
     async def get(self, path: str, params: dict[str, Any]) -> dict:
@@ -206,6 +208,8 @@ class BybitRest:
         """
         if interval not in INTERVAL_MS:
             raise ValueError(f"interval {interval!r} is not one of {sorted(INTERVAL_MS)}")
+        if not 1 <= limit <= 1000:  # Bybit's bounds: a larger page would end the paging after one page
+            raise ValueError(f"limit {limit} is outside Bybit's 1..1000")
         step = INTERVAL_MS[interval]
         rows: dict[int, list[str]] = {}
         end = end_ms

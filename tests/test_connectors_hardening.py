@@ -322,3 +322,17 @@ def test_only_an_unknown_topic_is_given_up_for_good():
     assert ["publicTrade.BTCUSDT"] in sent[4:]  # the rest of the refused request, subscribed again
     # answered requests are not kept: only the retry of the rest still waits for its answer
     assert list(pending.values()) == [("subscribe", ["publicTrade.BTCUSDT"])]
+
+
+def test_rest_403_backs_off_for_minutes_and_kline_limit_is_bounded():
+    import random
+
+    rest = BybitRest("http://bybit.invalid", rng=random.Random(1))
+    try:
+        delays = [rest._delay(attempt, 403) for attempt in range(6)]
+        assert min(delays) >= 30 and max(delays) > 60  # grows past a minute ("back off for minutes")
+        assert max(delays) <= 300
+        with pytest.raises(ValueError, match="1..1000"):
+            asyncio.run(rest.klines("BTCUSDT", 0, 60_000, limit=1001))
+    finally:
+        asyncio.run(rest.aclose())
