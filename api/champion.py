@@ -122,8 +122,7 @@ class ChampionWatcher:
                 self.last_error = f"champion version {version} not loaded yet: {reason}"
                 return False
             old = self.current
-            self.current = model  # the swap: one reference assignment
-            self.version_meta = {
+            meta = {
                 "version": version, "run_id": getattr(mv, "run_id", None),
                 "created_ts": _ms(getattr(mv, "creation_timestamp", None)),
                 "updated_ts": _ms(getattr(mv, "last_updated_timestamp", None)),
@@ -133,6 +132,9 @@ class ChampionWatcher:
                 "seen_ts": time.time(),
                 "metrics": self._run_metrics(getattr(mv, "run_id", None)),
             }
+            # the swap: two reference assignments back to back, everything slow done before them,
+            # so a reader can hardly see the new model with the previous version's metadata
+            self.current, self.version_meta = model, meta
             self.swaps.append({"from": old.spec.version if old else None, "to": version, "ts": time.time()})
             self.swaps = self.swaps[-50:]
             self.last_error = None

@@ -52,7 +52,11 @@ def build_forecast(spec: ModelSpec, outputs: dict[str, np.ndarray], i: int, *, s
     p = np.clip(p, 0.0, None) / psum
     reasons = list(reasons) + notes
     degraded = degraded or bool(notes)
-    close_path = (last_close * np.exp(logret)).tolist()
+    with np.errstate(over="ignore"):
+        prices = last_close * np.exp(logret)
+    if not np.all(np.isfinite(prices)) or not np.isfinite(last_close * rng[-1]):
+        raise ForecastError("the forecast's prices overflow (a model output far outside any market move)")
+    close_path = prices.tolist()
     return {
         "symbol": symbol,
         "origin_ts": int(origin_ts),

@@ -144,6 +144,8 @@ def test_crossed_quantiles_are_sorted_and_flagged_and_nan_refused():
         _fc(sp, [[float("nan"), 0.0, 0.1]] * 3)
     with pytest.raises(ForecastError):
         _fc(sp, [[0.0, 0.0, 0.1]] * 3, p=(0.0, 0.0, 0.0))
+    with pytest.raises(ForecastError, match="overflow"):  # finite log-returns, infinite prices
+        _fc(sp, [[0.0, 0.0, 800.0]] * 3)
 
 
 @pytest.mark.parametrize("median,p,action", [
