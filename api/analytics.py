@@ -1,8 +1,10 @@
 """Backtest over the last N candles and the signals' strategy P&L, scored by model/backtest.py.
 
 One backtest definition for the project: ``model.backtest`` (T+1 execution at the next minute's open,
-fees and slippage per side, funding at settlements when known, fixed sizing: +1 for BUY, -1 for SELL,
-0 for FLAT or a minute without a forecast). Analytics only: nothing is ever traded.
+fees and slippage per side, fixed sizing: +1 for BUY, -1 for SELL, 0 for FLAT or a minute without a
+forecast). Funding is not charged here: the API's stores keep no settlement history (the offline
+backtests charge it where funding history exists), so a P&L over days that spans settlements leaves
+out up to a few bps per settlement held. Analytics only: nothing is ever traded.
 
 Candles come from the m1 vectors the API sees on features.live: ``close``; ``open`` when the vector
 carries it, else recovered from ``body_rel_1m = (C - O) / O`` as ``O = C / (1 + body_rel_1m)``;
