@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     w = make_windows(ds, meta["variates"], int(meta["lookback"]), int(meta["horizon"]), float(meta["flat_threshold"]))
     split = make_split(w, cfg.split, cfg.embargo)
     test = split.test if len(split.test) else split.val
+    if not len(split.test):  # say it wherever the numbers go: they are not out-of-sample
+        label += " (IN-SAMPLE: the split has no test part, scored on validation where thresholds were tuned)"
+        print(f"warning: {label}", file=sys.stderr)
     sess = open_session(path)
     taus = meta["quantiles"]
     fc_val = forecast_windows(sess, w, split.val)
