@@ -231,13 +231,21 @@ class BookSnap:
         # [mid * (1 - bps/1e4), mid * (1 + bps/1e4)] with mid = mid2 / 2
         mid2 = bids[0][0] + asks[0][0]
         self._density = {}
+        deepest_bid, deepest_ask = book.bids.prices[0], book.asks.prices[-1]
         for bps in density_bps:
             lo = -((-mid2 * (10_000 - bps)) // 20_000)  # ceil
             hi = (mid2 * (10_000 + bps)) // 20_000  # floor
+            if lo < deepest_bid or hi > deepest_ask:
+                # levels beyond the subscribed depth may lie inside the band: the visible sum would
+                # understate it (BTCUSDT's 200 levels span ~5 bps), so no value
+                side = "bid" if lo < deepest_bid else "ask"
+                self._density[bps] = Missing(f"the book ({len(book.bids)}x{len(book.asks)} levels) does not "
+                                             f"reach {bps} bps on the {side} side")
+                continue
             b, a = book.depth_within(lo, hi)
             self._density[bps] = from_fixed(b + a)
 
-    def depth_within_bps(self, bps) -> float:
+    def depth_within_bps(self, bps) -> float | Missing:
         return self._density[bps]
 
 

@@ -168,7 +168,7 @@ class BookState:
     last_ts: int | None
     bids: list  # top levels, best first: [(price, size)]
     asks: list
-    density: dict  # bps -> bid + ask size within bps of the mid
+    density: dict  # bps -> bid + ask size within bps of the mid (null when the book ends inside the band)
 
     @staticmethod
     def capture(book: RefBook, levels: int, bps_list) -> BookState:
@@ -182,6 +182,9 @@ class BookState:
             for bps in bps_list:
                 lo = mid * (1 - Decimal(bps) / 10_000)
                 hi = mid * (1 + Decimal(bps) / 10_000)
+                if lo < min(book.bids) or hi > max(book.asks):  # the band reaches past the visible book
+                    density[bps] = Null("density_beyond_book")
+                    continue
                 density[bps] = (sum((s for p, s in book.bids.items() if lo <= p <= hi), Decimal(0))
                                 + sum((s for p, s in book.asks.items() if lo <= p <= hi), Decimal(0)))
         return BookState("", book.last_ts, bids, asks, density)

@@ -2,7 +2,7 @@
 on an unchanged book, an index price of 0, side feeds (mempool, news) moving the market clock or the
 venue, a second stale-book episode without a resync request, book/trade windows not yet covered by
 the stream or holding no event at all (an outage is not "zero activity"), ticker values outliving
-the ticker stream.
+the ticker stream, a liquidity band wider than the visible book.
 
 Only public entry points are used: ``SymbolEngine`` / ``new_engine`` (process, flush, reload),
 ``load_registry`` and the synthetic stream of the engine tests.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+from flows.book import from_fixed
 from flows.engine import new_engine
 from flows.registry import load_registry
 from tests.synth import T0, SynthStream
@@ -58,9 +59,12 @@ def test_registry_reload_with_a_new_density_band_on_an_unchanged_book(tmp_path):
     for _ in range(3):  # 1.5 s of heartbeats only: no book change, tiles close
         s.ts += 500
         s.heartbeat()
-    out = eng.process(s.out[n:])  # KeyError: 50 today
+    out = eng.process(s.out[n:])  # was KeyError: 50
     vec = features(out, "s1")
-    assert vec and vec[-1]["values"]["liq_50bps"] is not None
+    # the synthetic book (50 levels of 0.1 at 65000) spans < 1 bps: the new band is a null with its
+    # reason, computed for the new registry (not a KeyError, not a value of the old registry's bands)
+    assert vec and vec[-1]["values"]["liq_50bps"] is None
+    assert "does not reach 50 bps" in vec[-1]["nulls"]["liq_50bps"]
     assert vec[-1]["values"]["depth_bid_top20"] is not None  # the synth book has 50 levels
 
 
@@ -204,3 +208,23 @@ def test_ticker_features_turn_null_when_the_ticker_stops():
     assert vec["values"]["mid_price"] is not None  # the book is live
     stale = {k: vec["values"][k] for k in ("basis", "basis_rel", "open_interest", "funding_rate")}
     assert all(v is None for v in stale.values()), f"10-minute-old ticker values presented as current: {stale}"
+
+
+def test_liquidity_density_is_null_when_the_book_does_not_reach_the_band():
+    """BTCUSDT orderbook.200 spans ~4-5 bps per side (measured on the real recording in
+    data/real/cryptofeed_bybit_v5_20260809: 200 levels, bid span 4.3 bps, ask span 5.1 bps). Here a
+    200-level book with tick 0.1 at 65000 spans ~3 bps. "Volume within 10 bps" and "within 25 bps"
+    then both equal the whole visible book: an invented value, not the feature. It should be null
+    with a reason when the deepest visible level on a side lies inside the band."""
+    s = SynthStream(seed=1, levels=200)
+    s.run(3)
+    out, eng = run(s.out)
+    vec = features(out, "s1")[-1]
+    book = eng.book
+    d10, d25 = vec["values"]["liquidity_density_10bps"], vec["values"]["liquidity_density_25bps"]
+    mid = (from_fixed(book.best_bid) + from_fixed(book.best_ask)) / 2
+    span_bps = (from_fixed(book.asks.prices[-1]) - mid) / mid * 1e4
+    assert span_bps < 10  # the visible book ends inside both bands
+    # today: d10 == d25 == everything the feed shows, no null
+    assert d10 is None and d25 is None, (
+        f"liquidity_density_10bps={d10} == 25bps={d25} while the visible book ends {span_bps:.1f} bps from the mid")
