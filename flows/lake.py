@@ -410,9 +410,6 @@ class Lake:
         (app transactions) are untouched. At most about ``max_rows`` rows per partition and call (the
         oldest small files first; the next call goes on), so memory stays bounded after an outage.
         Returns ``{table: ["SYMBOL/date", ...]}``."""
-        import pyarrow.compute as pc
-        from deltalake import CommitProperties, write_deltalake
-
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         recent = {date_of_ms(now_ms), date_of_ms(now_ms - DAY_MS)}
         done: dict[str, list[str]] = {}
@@ -452,14 +449,8 @@ class Lake:
                     if len(chosen) < 2:
                         continue
                     lo, hi = min(f[0] for f in chosen), max(f[1] for f in chosen)
-                    rows = self.read(name, symbols=[sym], dates=[date],
-                                     filter=(pc.field("gw_seq") >= lo) & (pc.field("gw_seq") <= hi))
-                    rows = rows.take(pc.sort_indices(rows, [("gw_seq", "ascending")]))  # stable
-                    write_deltalake(self.uri(name), rows, partition_by=PARTITION_BY, mode="overwrite",
-                                    predicate=f"symbol = '{sym}' AND date = '{date}' AND gw_seq >= {int(lo)} "
-                                              f"AND gw_seq <= {int(hi)}",
-                                    storage_options=self._opts,
-                                    commit_properties=CommitProperties(max_commit_retries=50))
+                    if not self._rewrite_range(name, dt, sym, date, int(lo), int(hi)):
+                        continue
                 else:
                     continue
                 done.setdefault(name, []).append(f"{sym}/{date}")
@@ -467,6 +458,31 @@ class Lake:
             if name in done:
                 log.info("compacted recent files", extra={"table": name, "counts": {"partitions": len(done[name])}})
         return done
+
+    def _rewrite_range(self, name: str, dt, sym: str, date: str, lo: int, hi: int, attempts: int = 3) -> bool:
+        """Rewrite a partition's rows with gw_seq in [lo, hi] as one file sorted by gw_seq. Read and
+        overwrite use the same table version, so a commit landing in between (another writer's rows
+        in the range, e.g. a kline import) makes the overwrite fail Delta's conflict check instead
+        of deleting rows it never read: then read again, a few times, else leave it for next time."""
+        import pyarrow.compute as pc
+        from deltalake import CommitProperties, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
+        for _ in range(attempts):
+            rows = self.read(name, symbols=[sym], dates=[date], version=dt.version(),
+                             filter=(pc.field("gw_seq") >= lo) & (pc.field("gw_seq") <= hi))
+            rows = rows.take(pc.sort_indices(rows, [("gw_seq", "ascending")]))  # stable
+            try:
+                write_deltalake(dt, rows, partition_by=PARTITION_BY, mode="overwrite",
+                                predicate=f"symbol = '{sym}' AND date = '{date}' AND gw_seq >= {lo} "
+                                          f"AND gw_seq <= {hi}",
+                                commit_properties=CommitProperties(max_commit_retries=50))
+                return True
+            except CommitFailedError as exc:
+                log.info("compaction raced another commit: reading again", extra={
+                    "table": name, "symbol": sym, "date": date, "reason": str(exc)[:200]})
+                dt = self.table(name)
+        return False
 
     def _compact_closed_days(self, name: str, dt, today: str) -> list[str]:
         add = pa.table(dt.get_add_actions(flatten=True))
