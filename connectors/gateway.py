@@ -58,6 +58,10 @@ class GatewayConfig:
     # minutes of back-off) must not hold the live stream back for symbols x a timeout each
     history_budget_s: float = 20.0
     resync_rest_timeout_s: float = 5.0  # then resubscribe instead (a blocked REST retries for minutes)
+    # a fresh order-book snapshot at least this often (Bybit sends one only on subscribe): the offline
+    # replay starts from the last snapshot within a day, so a connection that lives for days would
+    # otherwise leave the replay without a book where the live flow had one
+    snapshot_every_s: float = 6 * 3600.0
     metrics_addr: str = "127.0.0.1"
     producer_overrides: dict = field(default_factory=dict)
 
@@ -120,6 +124,8 @@ class Gateway:
         self.stop_event: asyncio.Event | None = None
         self.rates: dict[str, float] = {}  # events/s per raw topic over the last few seconds
         self._tasks: list[asyncio.Task] = []
+        self._side_tasks: set[asyncio.Task] = set()  # periodic snapshot requests in flight
+        self.snapshot_at: dict[str, float] = {}  # symbol -> monotonic time of its last book snapshot
         self.metrics = None
         self.metrics_port: int | None = None
 
@@ -154,6 +160,8 @@ class Gateway:
         publish = self.publisher.publish
         for name, rec in events:
             publish(name, rec)
+            if name == "OrderBookSnapshot":
+                self.snapshot_at[symbol] = time.monotonic()
 
     def _dead(self, exc: ParseError, raw: str) -> None:
         self.publisher.dead_letter("gateway.bybit.parse", exc.kind, exc.reason, raw, topic=exc.topic,
@@ -327,9 +335,20 @@ class Gateway:
                 t0, c0 = history[0]
                 if now > t0:
                     self.rates = {k: (v - c0.get(k, 0)) / (now - t0) for k, v in history[-1][1].items()}
+                for sym in self.snapshots_due(now):
+                    task = asyncio.ensure_future(self.resync(sym, "periodic snapshot"))
+                    self._side_tasks.add(task)
+                    task.add_done_callback(self._side_tasks.discard)
             if now - last_log >= 60.0:
                 last_log = now
                 log.info("gateway counts", extra={"counts": self.counts()})
+
+    def snapshots_due(self, now: float) -> list[str]:
+        """Symbols whose last order-book snapshot is older than ``snapshot_every_s`` (marked as asked)."""
+        due = [s for s, t in self.snapshot_at.items() if now - t >= self.config.snapshot_every_s]
+        for s in due:
+            self.snapshot_at[s] = now  # asked once; the snapshot that answers sets it again
+        return due
 
     def counts(self) -> dict:
         return {"frames": sum(c.received for c in self.connections), "received": sum(self.received.values()),
@@ -411,9 +430,9 @@ class Gateway:
         finally:
             for c in self.connections:
                 c.stop()
-            for t in tasks:
+            for t in [*tasks, *self._side_tasks]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *self._side_tasks, return_exceptions=True)
             left = await asyncio.to_thread(self.publisher.close, 10.0)
             if left:
                 log.error("stopped with records the broker never acknowledged: they are lost", extra={

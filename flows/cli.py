@@ -124,7 +124,7 @@ def lake_retention(days: int = typer.Option(None, help="days to keep (default: T
     from flows.datasets import referenced_versions
 
     s = _settings()
-    days = days or s.retention_days
+    days = s.retention_days if days is None else days  # 0 is refused below, never the default
     if days < 1 or vacuum_hours < 0:
         typer.echo("--days must be >= 1 and --vacuum-hours >= 0", err=True)
         raise typer.Exit(2)
@@ -278,11 +278,16 @@ def replay(period_from: str = typer.Option(..., "--from", help="UTC start (ISO o
            tail_ms: int = typer.Option(60_000, help="events after --to that close its last windows"),
            lake_root: str = typer.Option(None, help="default: TICKCAST_LAKE_ROOT")) -> None:
     """Replay the Delta archive through the feature dataflow (same code as online) into Parquet."""
+    from flows.offline_replay import ReplayError
     from flows.offline_replay import replay as run_replay
 
     lo, hi = _period(period_from, period_to)
-    report = run_replay(_lake(lake_root), _checked_symbols(symbols), lo, hi, out, registry_path=registry,
-                        tail_ms=tail_ms, progress=True)
+    try:
+        report = run_replay(_lake(lake_root), _checked_symbols(symbols), lo, hi, out, registry_path=registry,
+                            tail_ms=tail_ms, progress=True)
+    except ReplayError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2, sort_keys=True))
 
 

@@ -87,13 +87,13 @@ def parse_time_ms(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise DatasetError(f"{name}: expected a time, got {value!r}")
     if isinstance(value, (int, np.integer)):
-        return int(value)
+        return _in_range(int(value), name, value)
     if isinstance(value, datetime):
         dt = value
     elif isinstance(value, str):
         s = value.strip()
         if re.fullmatch(r"-?\d+", s):
-            return int(s)
+            return _in_range(int(s), name, value)
         try:
             dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
         except ValueError:
@@ -102,7 +102,16 @@ def parse_time_ms(value: Any, name: str) -> int:
         raise DatasetError(f"{name}: expected a time, got {type(value).__name__}")
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(round(dt.timestamp() * 1000))
+    return _in_range(int(round(dt.timestamp() * 1000)), name, value)
+
+
+_MS_MIN, _MS_MAX = 0, 4_102_444_800_000  # 1970 .. 2100: epoch milliseconds any market data can have
+
+
+def _in_range(ms: int, name: str, value) -> int:
+    if not _MS_MIN <= ms <= _MS_MAX:
+        raise DatasetError(f"{name}: {str(value)[:40]!r} is outside 1970..2100 (epoch milliseconds or ISO 8601)")
+    return ms
 
 
 def iso_ms(ms: int) -> str:
@@ -229,10 +238,13 @@ def code_hash(files: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_id(spec: DatasetSpec, versions: dict[str, int], registry_hash: str, chash: str) -> str:
+def dataset_id(spec: DatasetSpec, versions: dict[str, int], registry_hash: str, chash: str,
+               table_ids: dict[str, str] | None = None) -> str:
+    """Same inputs, same id: the spec, the raw tables (their Delta ids and versions), the feature
+    registry and the code."""
     canon = json.dumps({"spec": {**spec.to_dict(), "raw_versions": None}, "versions": versions,
-                        "registry": registry_hash, "code": chash, "format": FORMAT_VERSION},
-                       sort_keys=True, separators=(",", ":"))
+                        "tables": table_ids or {}, "registry": registry_hash, "code": chash,
+                        "format": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
     return "ds-" + hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -452,7 +464,7 @@ def build_dataset(spec: DatasetSpec | dict, *, lake: Lake | None = None, data_di
         if not registry_hash:
             raise DatasetError("a features dataset needs the registry hash of its vectors")
         chash = code_hash(CODE_FILES + FEATURE_CODE_FILES)
-    ds_id = dataset_id(spec, versions, registry_hash, chash)
+    ds_id = dataset_id(spec, versions, registry_hash, chash, lake.table_ids(list(versions)))
     final = root / ds_id
     if (final / MANIFEST).is_file() and not overwrite:
         log.info("dataset exists", extra={"dataset_id": ds_id})

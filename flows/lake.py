@@ -273,6 +273,16 @@ class Lake:
                 out[name] = dt.version()
         return out
 
+    def table_ids(self, tables: Iterable[str] | None = None) -> dict[str, str]:
+        """Each existing table's Delta id (fixed at creation): versions number commits, and two lakes
+        (or a table re-created) can be at the same version with other data."""
+        out = {}
+        for name in tables or BRONZE:
+            dt = self.table(name)
+            if dt is not None:
+                out[name] = dt.metadata().id
+        return out
+
     def committed_offset(self, table: str, topic: str, partition: int, dt=None) -> int | None:
         """Highest Kafka offset of topic-partition committed to the table (None: never)."""
         dt = dt if dt is not None else self.table(table)
@@ -349,7 +359,6 @@ class Lake:
 
         Tables default to every bronze table except ``LONG_HISTORY_TABLES``.
         """
-        from deltalake import write_deltalake
 
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if days < 1:
@@ -376,10 +385,7 @@ class Lake:
                 old = ds.to_table(filter=expr)
                 pred = " OR ".join(f"date = '{d}'" for d in expired_dates)
                 dest = _join(archive_root, name)
-                if "://" not in dest:
-                    os.makedirs(dest, exist_ok=True)
-                write_deltalake(dest, old, partition_by=PARTITION_BY, mode="overwrite", predicate=pred,
-                                storage_options=self._opts, schema_mode=None)
+                self._archive_expired(dest, old, pred)
                 dt.delete(f"date < '{cutoff}'")
                 rep["expired_rows"] = old.num_rows
                 rep["expired_partitions"] = [f"{s}/{d}" for s, d in parts if d is not None and d < cutoff]
@@ -396,6 +402,27 @@ class Lake:
                 "expired_rows": rep["expired_rows"], "compacted": len(rep["compacted"]),
                 "vacuumed": rep["vacuumed_files"]}})
         return report
+
+    def _archive_expired(self, dest: str, old: pa.Table, pred: str) -> None:
+        """Add expiring rows to the archive table at ``dest``. A date can expire twice (late rows of
+        it reached the live table after its first expiry): the archive keeps what it already holds,
+        and a row it holds already (a retention re-run after a crash between this and the delete)
+        is matched on its Kafka coordinates and not added again."""
+        from deltalake import DeltaTable, write_deltalake
+        from deltalake.exceptions import TableNotFoundError
+
+        if "://" not in dest:
+            os.makedirs(dest, exist_ok=True)
+        try:
+            target = DeltaTable(dest, storage_options=self._opts)
+        except TableNotFoundError:
+            write_deltalake(dest, old, partition_by=PARTITION_BY, mode="overwrite", predicate=pred,
+                            storage_options=self._opts)
+            return
+        (target.merge(old, predicate="t.date = s.date AND t.kafka_topic = s.kafka_topic AND "
+                                     "t.kafka_partition = s.kafka_partition AND t.kafka_offset = s.kafka_offset",
+                      source_alias="s", target_alias="t")
+         .when_not_matched_insert_all().execute())
 
     def compact_recent(self, *, now_ms: int | None = None, tables: Iterable[str] | None = None,
                        min_files: int = 64, small_bytes: int = 16 << 20,

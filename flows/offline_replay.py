@@ -46,6 +46,11 @@ DEFAULT_TAIL_MS = 60_000
 _META = [m for m, _ in META_COLUMNS if m != "nulls"]
 
 
+class ReplayError(ValueError):
+    """A replay that cannot start as asked (bad period, registry or output folder): the CLIs print
+    the reason and exit 2."""
+
+
 class _Part:
     """Column buffers of one (cadence, symbol) part; the feature names of its first vector fix the
     columns (a vector with other names starts a new part)."""
@@ -184,16 +189,21 @@ def replay(lake: Lake, symbols: Sequence[str], from_ms: int, to_ms: int, out: st
     from tqdm import tqdm
 
     from flows.dataflow import FlowConfig, FlowSinks, build_flow
-    from flows.registry import DEFAULT_PATH, load_registry
+    from flows.registry import DEFAULT_PATH, RegistryError, load_registry
     from flows.replay_source import REPLAY_TABLES, DeltaReplaySource, estimate_rows
     from tickcast.gc_tuning import throughput_gc
 
     if to_ms <= from_ms:
-        raise ValueError("empty replay period")
-    registry = load_registry(registry_path or DEFAULT_PATH)
+        raise ReplayError("empty replay period")
+    try:
+        registry = load_registry(registry_path or DEFAULT_PATH)
+    except (RegistryError, OSError) as exc:
+        raise ReplayError(f"feature registry: {exc}") from None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ReplayError(f"--out {out} exists and is not a folder")
     versions = dict(versions) if versions else lake.versions(REPLAY_TABLES)
     start_ms = from_ms - registry.warmup_ms
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = VectorWriter(out, from_ms, to_ms)
     total = estimate_rows(lake, symbols, start_ms, to_ms + tail_ms, versions=versions)
@@ -310,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--to must be after --from", file=sys.stderr)
         return 2
     lake = Lake(a.lake_root or str(s.lake_root), dict(s.lake_storage_options))
-    report = replay(lake, symbols, lo, hi, a.out, registry_path=a.registry, tail_ms=a.tail_ms,
-                    progress=not a.no_progress)
+    try:
+        report = replay(lake, symbols, lo, hi, a.out, registry_path=a.registry, tail_ms=a.tail_ms,
+                        progress=not a.no_progress)
+    except ReplayError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 

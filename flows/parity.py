@@ -53,8 +53,10 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return (self.value_mismatches == 0 and self.null_reason_mismatches == 0 and not self.meta_mismatches
-                and self.online_inconsistent == 0)
+        # a published window the replay cannot rebuild is a failure too (a wrong lake, a skipped
+        # file), and so is a check that compared nothing
+        return (self.windows_compared > 0 and self.only_online == 0 and self.value_mismatches == 0
+                and self.null_reason_mismatches == 0 and not self.meta_mismatches and self.online_inconsistent == 0)
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}

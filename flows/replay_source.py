@@ -153,9 +153,11 @@ class _Stream:
 
 
 def find_start_seq(lake: Lake, symbol: str, start_ms: int, *, versions: dict[str, int] | None = None,
-                   book_lookback_ms: int = DAY_MS, tables: Sequence[str] = REPLAY_TABLES) -> tuple[int | None, int | None]:
+                   book_lookback_ms: int = DAY_MS, tables: Sequence[str] = REPLAY_TABLES,
+                   end_ms: int | None = None) -> tuple[int | None, int | None]:
     """(gw_seq to start at, its exchange_ts): the last book snapshot at or before ``start_ms``
-    within the lookback, else the first event at or after ``start_ms``; (None, None) if none."""
+    within the lookback, else the first event in [``start_ms``, ``end_ms``] (the first two days
+    when no end is given); (None, None) if none."""
     versions = versions or {}
     if SNAPSHOT_TABLE in tables:
         snaps = lake.read(SNAPSHOT_TABLE, symbols=[symbol], dates=dates_between(start_ms - book_lookback_ms, start_ms + 1),
@@ -167,7 +169,8 @@ def find_start_seq(lake: Lake, symbol: str, start_ms: int, *, versions: dict[str
             return int(snaps.column("gw_seq")[i].as_py()), int(snaps.column("exchange_ts")[i].as_py())
     best: tuple[int, int] | None = None
     for name in tables:
-        at = lake.read(name, symbols=[symbol], dates=dates_between(start_ms, start_ms + 2 * DAY_MS),
+        last = end_ms if end_ms is not None else start_ms + 2 * DAY_MS
+        at = lake.read(name, symbols=[symbol], dates=dates_between(start_ms, last + 1),
                        columns=["gw_seq", "exchange_ts"],
                        filter=(pc.field("exchange_ts") >= start_ms) & (pc.field("gw_seq") >= 0),
                        version=versions.get(name))
@@ -176,6 +179,10 @@ def find_start_seq(lake: Lake, symbol: str, start_ms: int, *, versions: dict[str
             cand = (int(at.column("gw_seq")[i].as_py()), int(at.column("exchange_ts")[i].as_py()))
             best = cand if best is None or cand < best else best
     return best if best else (None, None)
+
+
+# tables whose date partition does not follow the replay order (gw_seq): never pruned by date
+UNDATED_ORDER_TABLES = frozenset({"raw_news"})
 
 
 def plan_files(lake: Lake, symbol: str, from_date_ms: int, end_ms: int, lo_seq: int, *,
@@ -198,7 +205,11 @@ def plan_files(lake: Lake, symbol: str, from_date_ms: int, end_ms: int, lo_seq: 
         for i, path in enumerate(add.column("path").to_pylist()):
             sym = add.column("partition.symbol")[i].as_py()
             date = add.column("partition.date")[i].as_py()
-            if sym != symbol or date is None or not lo_date <= date <= hi_date:
+            if sym != symbol or date is None:
+                continue
+            # a news row's date is its publication time, which can be days before it arrived (RSS
+            # feeds deliver old items): only the gw_seq statistics below can tell whether it is needed
+            if name not in UNDATED_ORDER_TABLES and not lo_date <= date <= hi_date:
                 continue
             mn = add.column("min.gw_seq")[i].as_py() if "min.gw_seq" in cols else None
             mx = add.column("max.gw_seq")[i].as_py() if "max.gw_seq" in cols else None
@@ -236,7 +247,7 @@ def merged_events(lake: Lake, symbol: str, start_ms: int, end_ms: int, *, versio
     """Chunks of ``(schema_name, record)`` of one symbol in gw_seq order (see the module docstring).
     ``stats`` (a dict) receives files planned/opened and the most files open at once."""
     lo_seq, lo_ts = find_start_seq(lake, symbol, start_ms, versions=versions, book_lookback_ms=book_lookback_ms,
-                                   tables=tables)
+                                   tables=tables, end_ms=end_ms)
     if lo_seq is None:
         return
     pending = plan_files(lake, symbol, min(lo_ts, start_ms), end_ms, lo_seq, versions=versions, tables=tables)

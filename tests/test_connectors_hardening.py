@@ -336,3 +336,15 @@ def test_rest_403_backs_off_for_minutes_and_kline_limit_is_bounded():
             asyncio.run(rest.klines("BTCUSDT", 0, 60_000, limit=1001))
     finally:
         asyncio.run(rest.aclose())
+
+
+def test_a_fresh_book_snapshot_is_asked_for_at_least_every_snapshot_every_s(stub_gateway):
+    """Bybit sends a snapshot only on subscribe; the replay looks back a day for one: the gateway
+    asks for a fresh one (a resync) whenever a symbol's last snapshot is older than the interval."""
+    gw = stub_gateway(config={"snapshot_every_s": 100.0})
+    gw.on_message(_book("65000.5"), 1)
+    t = gw.snapshot_at["BTCUSDT"]
+    assert gw.snapshots_due(t + 50) == []
+    assert gw.snapshots_due(t + 100) == ["BTCUSDT"]
+    assert gw.snapshots_due(t + 150) == []  # asked once, not at every tick until it arrives
+    assert gw.snapshots_due(t + 200) == ["BTCUSDT"]  # no snapshot came: ask again one interval later

@@ -235,7 +235,8 @@ def test_bad_specs_are_clear_errors(tmp_path):
                         ({"symbols": ["BTCUSDT"], "from": 0, "to": M, "flat_threshold": float("nan")}, "flat_threshold"),
                         ({"symbols": ["BTCUSDT"], "from": 0, "to": M, "kind": "magic"}, "kind"),
                         ({"symbols": ["BTCUSDT"], "from": 0, "to": M, "path": "/etc"}, "unknown"),
-                        ({"symbols": ["BTCUSDT"], "from": 0, "to": 10**13}, "longer")]:
+                        ({"symbols": ["BTCUSDT"], "from": 0, "to": 4 * 10**12}, "longer"),
+                        ({"symbols": ["BTCUSDT"], "from": 0, "to": 10**13}, "outside 1970..2100")]:
         with pytest.raises(DatasetError, match=needle):
             DatasetSpec.from_dict(bad)
     s = DatasetSpec.from_dict({"symbols": "ethusdt,BTCUSDT", "from": "2025-05-30T17:40:30Z", "to": "2025-05-30 21:39"})
