@@ -121,6 +121,12 @@ class ChampionWatcher:
                               extra={"version": version, "error": reason})
                 self.last_error = f"champion version {version} not loaded yet: {reason}"
                 return False
+            if model.spec.version != version:  # the alias moved while loading: describe what is served
+                version = model.spec.version
+                try:
+                    mv = self._mlflow().get_model_version(self.settings.model_name, version)
+                except Exception as exc:  # noqa: BLE001 - metadata only: serve the model, say what is missing
+                    log.warning("champion metadata unavailable", extra={"version": version, "error": str(exc)[:200]})
             old = self.current
             meta = {
                 "version": version, "run_id": getattr(mv, "run_id", None),
@@ -162,7 +168,12 @@ class ChampionWatcher:
         else:
             path = self._download(version)
         summary = self._feature_summary(mv, Path(path).parent)
-        return OnnxModel(path, version, threads=self.threads, feature_summary=summary)
+        model = OnnxModel(path, version, threads=self.threads, feature_summary=summary)
+        live = _live_m1_features()
+        unknown = [v for v in model.spec.variates if live and v not in live]
+        if unknown:  # it would be fed zeros every minute: refuse it, the previous champion keeps serving
+            raise ModelContractError(f"variates the live feature flow does not produce: {unknown}")
+        return model
 
     def _download(self, version: str) -> Path:
         import mlflow.artifacts
@@ -251,6 +262,17 @@ def _ms(v) -> int | None:
         return int(v) if v is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _live_m1_features() -> frozenset[str]:
+    """The m1 feature names of the registry the feature flow runs (flows/features.yaml); empty
+    (nothing checked) when it cannot be read here."""
+    try:
+        from flows.registry import RegistryError, load_registry
+
+        return frozenset(s.name for s in load_registry().for_cadence("m1"))
+    except (ImportError, RegistryError, OSError):
+        return frozenset()
 
 
 def _promoted_ts(mv) -> int | None:

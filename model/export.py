@@ -63,6 +63,10 @@ def export_onnx(model, path: str | Path, metadata: dict[str, str], example: np.n
     x = torch.as_tensor(np.asarray(example, np.float32))
     if x.shape[0] < 2:
         raise ValueError("trace with a batch of 2 or more (a batch of 1 can get fixed into the graph)")
+    if "tickcast.lookback" in metadata and x.shape[1] != int(metadata["tickcast.lookback"]):
+        # only the batch axis is dynamic: the traced length is the served length
+        raise ValueError(f"example windows of {x.shape[1]} minutes, but the metadata says lookback "
+                         f"{metadata['tickcast.lookback']}")
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -24,6 +24,7 @@ Every alias move is appended to the promotion log: registered-model tags ``promo
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ def promotion_decision(challenger: dict, champion: dict | None) -> Decision:
                if not (lo <= challenger[t]["coverage"] <= hi)]
     if bad_cov:
         return Decision(False, f"validation coverage of [q0.1,q0.9] outside {lo:.2f}-{hi:.2f}: {', '.join(bad_cov)}")
+    unusable = [f"{who} {t}={m[t].get('pinball')!r}" for who, m in (("challenger", challenger), ("champion", champion))
+                if m is not None for t in TARGETS
+                if not (isinstance(m.get(t, {}).get("pinball"), (int, float)) and math.isfinite(m[t]["pinball"])
+                        and m[t]["pinball"] > 0)]
+    if unusable:  # a NaN ratio would pass every comparison below
+        return Decision(False, f"validation pinball not a positive finite number: {', '.join(unusable)}")
     if champion is None:
         return Decision(True, "no champion yet; challenger's validation coverage is within the band")
     ratios = {t: challenger[t]["pinball"] / champion[t]["pinball"] for t in TARGETS}
@@ -118,18 +125,21 @@ def _cache_dir(settings) -> Path:
 
 
 def version_onnx_path(settings, version: str) -> Path:
-    """Download (once; versions are immutable) the ONNX file of a model version and return its path."""
+    """Download (once per version and origin) the ONNX file of a model version and return its path."""
     import mlflow.artifacts
 
     version = str(version)
     if not version.isdigit():
         raise ValueError(f"model version must be a number, got {version!r}")
     dest = _cache_dir(settings) / version
-    target = dest / "model.onnx"
-    if target.is_file():
-        return target
+    target, origin = dest / "model.onnx", dest / "origin.txt"
     c = client(settings)
     mv = c.get_model_version(settings.model_name, version)
+    # version numbers restart when a registered model is deleted or the MLflow store is reset: the
+    # cached file is this version's only if it came from the same run and source
+    ident = f"{mv.run_id}\n{mv.source}"
+    if target.is_file() and origin.is_file() and origin.read_text() == ident:
+        return target
     tmp = dest.with_name(f".{version}.{os.getpid()}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     got = None
@@ -145,6 +155,7 @@ def version_onnx_path(settings, version: str) -> Path:
         raise FileNotFoundError(f"no ONNX file for {settings.model_name} v{version}: {'; '.join(errors)}")
     dest.mkdir(parents=True, exist_ok=True)
     os.replace(got, target)
+    origin.write_text(ident)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -258,18 +269,19 @@ def rollback(settings, to_version: str | None = None) -> dict:
     if current is None:
         raise NoChampionError("nothing to roll back: no champion")
     if to_version is None:
-        history = [e["to"] for e in promotion_log(settings)
-                   if e.get("alias") == CHAMPION and e.get("action") in ("promote", "set_champion", "rollback")]
-        # the champion sequence, collapsed; walk back past the current one
-        seq: list[str] = []
-        for v in history:
-            if not seq or seq[-1] != v:
-                seq.append(v)
-        while seq and seq[-1] == current:
-            seq.pop()
-        # rolled-back-from versions are skipped: a second rollback goes further back
-        rolled_from = {e["from"] for e in promotion_log(settings) if e.get("action") == "rollback"}
-        candidates = [v for v in seq if v != current and v not in rolled_from]
+        # the champions as a stack: a promotion pushes, a rollback pops what it rolled back from, so a
+        # second rollback goes further back and a version promoted again after a rollback counts again
+        stack: list[str] = []
+        for e in promotion_log(settings):
+            if e.get("alias") != CHAMPION or e.get("action") not in ("promote", "set_champion", "rollback"):
+                continue
+            if e["action"] == "rollback" and stack and stack[-1] == e.get("from"):
+                stack.pop()
+            if not stack or stack[-1] != e["to"]:
+                stack.append(e["to"])
+        if stack and stack[-1] == current:
+            stack.pop()
+        candidates = [v for v in stack if v != current]
         if not candidates:
             raise LookupError(f"no earlier champion to roll back to (current v{current})")
         to_version = candidates[-1]

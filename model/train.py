@@ -306,6 +306,13 @@ def _champion_reference(settings, w: Windows, val: np.ndarray, taus) -> tuple[st
         return None, None, f"champion unavailable: {exc}"
     meta = read_metadata(path)
     variates, lookback = list(meta.get("variates", [])), int(meta.get("lookback", 0))
+    # the same question asked of both: same horizon, quantile levels and flat band, or no comparison
+    same = {"horizon": (int(meta.get("horizon", -1)), int(w.horizon)),
+            "quantiles": ([round(float(q), 6) for q in meta.get("quantiles", [])], [round(float(q), 6) for q in taus]),
+            "flat_threshold": (round(float(meta.get("flat_threshold", -1)), 9), round(float(w.flat_threshold), 9))}
+    differ = [f"{k} {a} vs {b}" for k, (a, b) in same.items() if a != b]
+    if differ:
+        return version, None, f"champion v{version} forecasts another target ({'; '.join(differ)})"
     try:
         cw = w if (variates == w.variates and 0 < lookback <= w.lookback) else None
         if cw is None:
@@ -384,8 +391,11 @@ def train(dataset, cfg: TrainConfig, settings=None, out_dir: str | Path | None =
     next_version = _next_version(settings) if register else ""
     meta = contract_metadata(model.cfg, ds.registry_hash, settings.model_name, next_version,
                              extra={"dataset": ds.fingerprint, "signal": signal})
-    onnx_path = export_onnx(model, out_dir / "model.onnx", meta, example=w.gather(split.val[:4]))
-    parity = parity_check(model, onnx_path, w.gather(split.val[:8]))
+    # the graph's input is the model's own lookback (what its metadata says and the API builds); the
+    # windows may be longer (the config's longest member, which a time budget can leave untrained)
+    L = int(model.cfg.lookback)
+    onnx_path = export_onnx(model, out_dir / "model.onnx", meta, example=w.gather(split.val[:4])[:, -L:])
+    parity = parity_check(model, onnx_path, w.gather(split.val[:8])[:, -L:])
     if not parity["ok"]:
         raise RuntimeError(f"ONNX parity check failed: {parity}")
     report = write_report(out_dir, w, split, cfg, val_m, test_m, fc_val, fc_test, info, parity, signal)
