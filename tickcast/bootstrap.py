@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from tickcast.broker import _die_with_parent
 from tickcast.config import get_settings
 from tickcast.logs import get_logger
 
@@ -24,7 +25,7 @@ def backfill(days: float, source: str, attempts: int = 10) -> None:
     """``tickcast backfill`` into the lake; the local exchange may still be starting: retry."""
     cmd = [sys.executable, "-m", "tickcast.cli", "backfill", "--days", str(days), "--source", source]
     for i in range(attempts):
-        if subprocess.call(cmd) == 0:
+        if subprocess.call(cmd, preexec_fn=_die_with_parent) == 0:  # no orphan backfill if we are killed
             return
         time.sleep(min(2 ** i, 10))
     raise SystemExit(f"backfill failed {attempts} times: {' '.join(cmd)}")

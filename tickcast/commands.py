@@ -47,9 +47,24 @@ def topics(bootstrap: str = typer.Option(None, help="default: KAFKA_BOOTSTRAP"))
 
 def up() -> None:
     """Start the whole stack with embedded defaults and supervise it (Ctrl-C stops everything)."""
-    from tickcast.stack import run_stack
+    from confluent_kafka import KafkaException
 
-    raise typer.Exit(run_stack(settings_or_exit()))
+    from tickcast.broker import BrokerError
+    from tickcast.stack import StackError, run_stack
+
+    settings = settings_or_exit()
+    try:
+        code = run_stack(settings)
+    except KafkaException as exc:
+        typer.echo(f"cannot reach the Kafka broker at KAFKA_BOOTSTRAP={settings.kafka_bootstrap}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except BrokerError as exc:
+        typer.echo(f"the embedded broker (tansu) did not start: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except StackError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def status() -> None:

@@ -56,8 +56,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), validation_alias=_env("data_dir"))
     lake_root: str = Field("data/lake", validation_alias=_env("lake_root"),
                            description="local path or s3://bucket/prefix")
-    lake_storage_options: dict[str, str] = Field(default_factory=dict,
-                                                 validation_alias=_env("lake_storage_options"))
+    lake_storage_options: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                                      validation_alias=_env("lake_storage_options"))
     retention_days: int = Field(30, ge=1, validation_alias=_env("retention_days"))
     mlflow_tracking_uri: str = Field("sqlite:///data/mlflow/mlflow.db",
                                      validation_alias=_env("mlflow_tracking_uri", "MLFLOW_TRACKING_URI"))
@@ -191,7 +191,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             import json
 
-            return json.loads(value) if value.strip() else {}
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError:
+                raise ValueError('expected a JSON object, e.g. {"AWS_REGION": "eu-west-1"}') from None
         return value
 
 
@@ -212,3 +215,16 @@ def load_settings(**overrides) -> Settings:
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
+
+
+def local_http_url(host: str, port: int) -> str:
+    """A URL this machine can reach a server at that listens on ``host``: a wildcard means the
+    loopback address, and an IPv6 address goes in brackets (``http://::1:8000`` is no URL)."""
+    host = host.strip()
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"

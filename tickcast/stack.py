@@ -47,6 +47,8 @@ class Component:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     exits: list[float] = field(default_factory=list)
+    started: float = 0.0  # monotonic time of the last start
+    quick_exits: int = 0  # exits in a row, each less than the crash window after its start
     next_start: float = 0.0
     crash_loop: bool = False
     last_exit: int | None = None
@@ -72,12 +74,14 @@ class Supervisor:
         with open(self.log_path(c), "ab") as out:
             c.proc = subprocess.Popen(c.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **c.env},
                                       preexec_fn=_die_with_parent)
+        c.started = time.monotonic()
         log.info("started", extra={"component": c.name, "pid": c.proc.pid, "counts": {"restarts": c.restarts}})
 
     def check(self, c: Component, now: float) -> None:
         if c.proc is None:
-            if now >= c.next_start:
+            if now >= c.next_start and not self.stopping.is_set():  # nothing starts once stopping
                 self.spawn(c)
+                c.started = now
             return
         code = c.proc.poll()
         if code is None:
@@ -86,16 +90,20 @@ class Supervisor:
         c.last_exit = code
         c.exits = [t for t in c.exits if now - t < self.crash_window_s] + [now]
         c.restarts += 1
-        delay = min(self.backoff_max, 0.5 * 2 ** min(len(c.exits) - 1, 8))
+        # the backoff doubles with every exit soon after a start and resets only after a run that
+        # lasted the crash window: a child that never stays up waits backoff_max, not a cycle of delays
+        c.quick_exits = c.quick_exits + 1 if now - c.started < self.crash_window_s else 1
+        delay = min(self.backoff_max, 0.5 * 2 ** min(c.quick_exits - 1, 8))
         c.next_start = now + delay
-        if len(c.exits) >= self.crash_exits:
+        if c.quick_exits >= self.crash_exits:
             if not c.crash_loop:
-                print(f"!! {c.name} is in a crash loop ({len(c.exits)} exits in {self.crash_window_s:.0f} s, "
-                      f"last code {code}); see {self.log_path(c)}", file=sys.stderr, flush=True)
+                print(f"!! {c.name} is in a crash loop ({c.quick_exits} exits in a row, each within "
+                      f"{self.crash_window_s:.0f} s of its start, last code {code}); see {self.log_path(c)}",
+                      file=sys.stderr, flush=True)
             c.crash_loop = True
             log.error("crash loop: restarting with backoff", extra={
-                "component": c.name, "exit_code": code, "log": str(self.log_path(c)),
-                "counts": {"exits_in_window": len(c.exits), "restarts": c.restarts}})
+                "component": c.name, "exit_code": code, "log": str(self.log_path(c)), "delay_s": delay,
+                "counts": {"quick_exits": c.quick_exits, "restarts": c.restarts}})
         else:
             c.crash_loop = False
             log.warning("exited; restarting", extra={"component": c.name, "exit_code": code, "delay_s": delay})
@@ -132,6 +140,21 @@ class Supervisor:
                 last_status = now
             self.stopping.wait(tick)
 
+    def supervise_while(self, proc: subprocess.Popen, tick: float = 0.2) -> int | None:
+        """Supervise from this (the main) thread until ``proc`` ends; its exit code, or None when
+        stopping. Children are started only by the main thread: PR_SET_PDEATHSIG fires when the
+        *thread* that started a child exits, so a helper thread's restarts would die with it."""
+        last_status = 0.0
+        while proc.poll() is None and not self.stopping.is_set():
+            now = time.monotonic()
+            for c in self.components:
+                self.check(c, now)
+            if now - last_status > 1.0:
+                self.write_status()
+                last_status = now
+            self.stopping.wait(tick)
+        return proc.poll()
+
     def run(self) -> int:
         for c in self.components:
             if c.proc is None:
@@ -141,6 +164,7 @@ class Supervisor:
         return 0
 
     def shutdown(self, grace: float = 10.0) -> None:
+        self.stopping.set()  # a supervise() elsewhere starts nothing from now on
         for c in reversed(self.components):
             if c.proc and c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGTERM)
@@ -220,7 +244,9 @@ def mlflow_component(settings: Settings, env: dict, port: int = 5000) -> Compone
 
 
 def serving_components(settings: Settings, env: dict) -> list[Component]:
-    api = f"http://{settings.api_host}:{settings.api_port}"
+    from tickcast.config import local_http_url
+
+    api = local_http_url(settings.api_host, settings.api_port)
     out = [Component("api", TICKCAST + ["serve"], env, url=f"{api}/docs", health=f"{api}/health")]
     try:
         import ui.cli  # noqa: F401 - the dashboard lands with its own issue
@@ -232,17 +258,31 @@ def serving_components(settings: Settings, env: dict) -> list[Component]:
     return out
 
 
-def bootstrap_champion(settings: Settings, env: dict, log_dir: Path, args: tuple[str, ...] = ()) -> bool:
+def bootstrap_champion(settings: Settings, env: dict, log_dir: Path, args: tuple[str, ...] = (),
+                       sup: Supervisor | None = None) -> bool:
     """First run: backfill kline history, build a kline dataset, train a small champion (<= 3 min).
     Runs in the foreground so its progress bars show; returns whether a champion exists afterwards.
-    ``args``: options of ``python -m tickcast.bootstrap`` (``--days``, ``--time-budget-s``)."""
+    ``args``: options of ``python -m tickcast.bootstrap`` (``--days``, ``--time-budget-s``). With
+    ``sup``, this thread supervises the running components meanwhile and a stop ends the bootstrap."""
     from model import registry
 
     if registry.alias_version(settings, registry.CHAMPION) is not None:
         return True
     print("no champion model yet: backfilling history and training a small one (about 3 minutes)...", flush=True)
-    rc = subprocess.call([PY, "-m", "tickcast.bootstrap", *args], env={**os.environ, **env},
-                         preexec_fn=_die_with_parent)
+    proc = subprocess.Popen([PY, "-m", "tickcast.bootstrap", *args], env={**os.environ, **env},
+                            preexec_fn=_die_with_parent)
+    try:
+        rc = proc.wait() if sup is None else sup.supervise_while(proc)
+    finally:
+        if proc.poll() is None:  # stopped (SIGTERM, Ctrl-C): no orphan training
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if rc is None:
+        return False
     if rc != 0:
         print(f"!! bootstrap failed with code {rc}: the API runs without a model (see the messages above)",
               file=sys.stderr, flush=True)
@@ -259,11 +299,55 @@ def _print_urls(sup: Supervisor, bootstrap: str, source: str) -> None:
     print(f"  logs       {sup.log_dir}/\n  status     tickcast status\nCtrl-C stops everything.\n", flush=True)
 
 
+class StackError(RuntimeError):
+    """The stack cannot start as configured (a port taken, another stack in this data dir)."""
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(wanted: list[tuple[str, str, int]]) -> None:
+    """StackError naming the setting of every (setting, host, port) whose port is taken: before
+    anything starts, instead of a child crash-looping on it."""
+    taken = [f"{port} ({name})" for name, host, port in wanted if port and not _port_free(host or "0.0.0.0", port)]
+    if taken:
+        raise StackError(f"port(s) already in use: {', '.join(taken)}; stop what uses them or change the "
+                         f"setting (is another `tickcast up` running?)")
+
+
+def _lock_stack_dir(stack_dir: Path):
+    """One `tickcast up` per data dir: an exclusive lock held for the supervisor's lifetime."""
+    import fcntl
+
+    fh = open(stack_dir / "lock", "a+")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise StackError(f"another `tickcast up` is running with this data dir ({stack_dir.parent})") from None
+    return fh
+
+
 def run_stack(settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     stack_dir = data_dir / "stack"
     stack_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
+    lock = _lock_stack_dir(stack_dir)  # noqa: F841 - released when the process ends
+    check_ports([("TICKCAST_API_PORT", settings.api_host, settings.api_port),
+                 ("TICKCAST_UI_PORT", "0.0.0.0", settings.ui_port),
+                 ("TICKCAST_GATEWAY_METRICS_PORT", "127.0.0.1", settings.gateway_metrics_port),
+                 ("TICKCAST_FEATURES_METRICS_PORT", "127.0.0.1", settings.features_metrics_port)])
     broker = None
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
@@ -286,14 +370,15 @@ def run_stack(settings: Settings) -> int:
 
         registry.ensure_experiment(settings)  # create/migrate the store once, before any other user
         ml = mlflow_component(settings, env)
+        if ml and not _port_free("127.0.0.1", 5000):  # the tracking UI only: the stack works without it
+            print("note: port 5000 is in use: the MLflow UI is not started (the registry works without it)",
+                  file=sys.stderr, flush=True)
+            ml = None
         if ml:
             sup.add(ml)
-        done = threading.Event()
-        watcher = threading.Thread(target=sup.supervise, args=(done,), daemon=True)
-        watcher.start()  # keep the pipeline supervised while the champion trains
-        bootstrap_champion(settings, env, log_dir)
-        done.set()
-        watcher.join()
+        bootstrap_champion(settings, env, log_dir, sup=sup)  # the pipeline stays supervised meanwhile
+        if stop.is_set():
+            return 0
         for c in serving_components(settings, env):
             sup.add(c)
         _print_urls(sup, bootstrap, source)

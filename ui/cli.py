@@ -16,11 +16,10 @@ def resolve_api_url(cli_value: str | None = None) -> str:
     env = os.environ.get("TICKCAST_API_URL", "").strip()
     if env:
         return env.rstrip("/")
-    from tickcast.config import load_settings
+    from tickcast.config import load_settings, local_http_url
 
     s = load_settings()
-    host = "127.0.0.1" if s.api_host in ("0.0.0.0", "::", "") else s.api_host
-    return f"http://{host}:{s.api_port}"
+    return local_http_url(s.api_host, s.api_port)
 
 
 def ui(port: int = typer.Option(None, help="default: TICKCAST_UI_PORT (5006)"),

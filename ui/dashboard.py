@@ -467,7 +467,7 @@ class Dashboard:
                     if isinstance(sig, dict) else "fallback rule: favourite direction agrees with the median "
                                                   f"beyond +-{S.fmt_num(model.get('flat_threshold'), 4)}")
             _html(self.model_card, R.cards([
-                ("champion", f"v{model.get('champion_version')}", S.esc(model.get("name")), "model-version"),
+                ("champion", f"v{model.get('champion_version')}", str(model.get("name")), "model-version"),  # cards() escapes
                 ("promoted", S.fmt_ts(model.get("promoted_ts")),
                  f"loaded {S.fmt_ts((model.get('loaded_at') or 0) * 1000)}", "model-promoted"),
                 ("contract", f"L={model.get('lookback')} H={model.get('horizon')}",
@@ -644,7 +644,7 @@ class Dashboard:
             return
         sym = self.symbol.value
         snap = feed.snapshot(sym)
-        self._update_banner(snap)
+        self._update_banner(snap, sym)
         self._update_live(snap)
         idx = self.tabs.active if 0 <= self.tabs.active < len(TAB_NAMES) else 0
         if idx in self._builders:
@@ -659,7 +659,7 @@ class Dashboard:
         elif active == "Monitoring" and sym:
             self._update_monitoring(sym, snap)
 
-    def _update_banner(self, snap: dict) -> None:
+    def _update_banner(self, snap: dict, sym: str | None = None) -> None:
         parts = []
         if snap["api_error"]:
             parts.append(R.banner("error", f"Prediction API unreachable at {self.feed.api_url}: {snap['api_error']}."
@@ -669,7 +669,11 @@ class Dashboard:
             parts.append(R.banner("warn", f"Live stream {snap['sse_state']}"
                                           f"{': ' + snap['sse_detail'] if snap['sse_detail'] else ''}; reconnecting.",
                                   "banner-stream"))
-        sim = S.simulated_sources(self.feed.latest_forecasts(), self.feed.vectors().values())
+        # what the chart shows counts too: after an API restart (or with the feature flow down) it
+        # draws the REST backfill (candles of a sim.* venue, signals flagged simulated) with no live data
+        shown = [{**c, "symbol": sym} for c in self.feed.last_candles(sym, 5)] if sym else []
+        sim = S.simulated_sources(self.feed.latest_forecasts(), [*self.feed.vectors().values(), *shown],
+                                  self.feed.signals_list(sym)[-5:] if sym else ())
         if sim:
             parts.append(R.banner("sim", "SIMULATED DATA: these prices come from the local simulated exchange, not "
                                          f"from Bybit ({S.simulated_text(sim)}).", "banner-simulated"))

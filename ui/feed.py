@@ -594,6 +594,12 @@ class LiveFeed:
                 lo = max(lo, bisect_right(b.times, after))
             return [dict(b.candles[t]) for t in b.times[lo:]]
 
+    def last_candles(self, sym: str, n: int) -> list[dict]:
+        """The newest ``n`` candles of ``sym``, oldest first."""
+        with self.lock:
+            b = self.buf.get(sym)
+            return [dict(b.candles[t]) for t in b.times[-n:]] if b else []
+
     def signals_list(self, sym: str) -> list[dict]:
         with self.lock:
             b = self.buf.get(sym)
