@@ -133,7 +133,9 @@ class OrderBook:
         try:
             bids = _parse_levels(rec["bid_px"], rec["bid_sz"])
             asks = _parse_levels(rec["ask_px"], rec["ask_sz"])
-        except BadDecimal:
+        except BadDecimal as exc:
+            if not is_snapshot and u != 1 and self.valid:  # a lost delta: the book no longer matches the exchange's
+                self.invalidate(f"bad input: {exc}")
             return BookStatus.BAD_INPUT
         if is_snapshot or u == 1:
             self.bids.clear()

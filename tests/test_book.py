@@ -74,12 +74,15 @@ def test_crossed_book_is_detected():
     assert b.apply(crossed_snapshot, True) is BookStatus.CROSSED and not b.valid
 
 
-def test_bad_levels_leave_the_book_untouched():
+def test_bad_levels_leave_the_levels_untouched_and_the_book_invalid():
     b = OrderBook("X")
     b.apply(rec(10, [("1", "1")], [("2", "1")]), True)
     for bad in (rec(11, [("1", "-1")]), rec(11, [("nan", "1")]), {**rec(11), "bid_px": ["1"], "bid_sz": []}):
         assert b.apply(bad, False) is BookStatus.BAD_INPUT
     assert b.last_u == 10 and b.top_bids(1) == [(to_fixed("1"), to_fixed("1"))]
+    # the levels are untouched, but a delta was lost: the book no longer matches the exchange's
+    assert not b.valid and b.invalid_reason.startswith("bad input")
+    assert b.apply(rec(12, [("1", "2")], [("2", "1")]), True) is BookStatus.SNAPSHOT and b.valid
 
 
 def test_depth_within_is_inclusive():
