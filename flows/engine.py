@@ -592,7 +592,8 @@ class SymbolEngine:
             log.warning("order-book sequence error: delta ignored", extra=extra)
             return
         if status is BookStatus.NOT_READY and self.counters.get("book_not_ready", 0) > 1:
-            self._request_resync("delta before any snapshot", rec, out)
+            # the book is invalid: since its first snapshot, or since a gap, a crossed book, bad input
+            self._request_resync(self.book.invalid_reason or "delta before any snapshot", rec, out)
             return
         log.warning("order-book desync", extra={**extra, "reason": self.book.invalid_reason})
         self._request_resync(self.book.invalid_reason or status.value, rec, out)
