@@ -130,22 +130,18 @@ class Supervisor:
         self.components.append(c)
 
     def supervise(self, until: threading.Event | None = None, tick: float = 0.2) -> None:
-        last_status = 0.0
-        while not self.stopping.is_set() and not (until and until.is_set()):
-            now = time.monotonic()
-            for c in self.components:
-                self.check(c, now)
-            if now - last_status > 1.0:
-                self.write_status()
-                last_status = now
-            self.stopping.wait(tick)
+        self._supervise(lambda: not (until and until.is_set()), tick)
 
     def supervise_while(self, proc: subprocess.Popen, tick: float = 0.2) -> int | None:
         """Supervise from this (the main) thread until ``proc`` ends; its exit code, or None when
         stopping. Children are started only by the main thread: PR_SET_PDEATHSIG fires when the
         *thread* that started a child exits, so a helper thread's restarts would die with it."""
+        self._supervise(lambda: proc.poll() is None, tick)
+        return proc.poll()
+
+    def _supervise(self, going_on, tick: float) -> None:
         last_status = 0.0
-        while proc.poll() is None and not self.stopping.is_set():
+        while not self.stopping.is_set() and going_on():
             now = time.monotonic()
             for c in self.components:
                 self.check(c, now)
@@ -153,7 +149,6 @@ class Supervisor:
                 self.write_status()
                 last_status = now
             self.stopping.wait(tick)
-        return proc.poll()
 
     def run(self) -> int:
         for c in self.components:
