@@ -305,6 +305,9 @@ class Gateway:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of a side feed is contained here
+                if stop.is_set():  # torn down mid-await by the shutdown: not a failure
+                    log.info("input ended at stop", extra={"input": name, "error": repr(exc)})
+                    return
                 log.error("input failed; restarting it", extra={"input": name, "error": repr(exc),
                                                                 "delay_s": delay})
             if time.monotonic() - started > 60:

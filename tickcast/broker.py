@@ -84,8 +84,11 @@ class EmbeddedBroker:
                "--advertised-listener-url", f"tcp://{self.bootstrap}", "--storage-engine", "memory://tansu/"]
         self._log_fh = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        # its own process group: a Ctrl-C in the terminal reaches the supervisor, which stops the
+        # components first (they flush to the broker) and the broker last; PDEATHSIG still ends it
+        # with its parent
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=_die_with_parent, process_group=0)
         try:
             self._wait_ready(timeout)
             if self.topics:

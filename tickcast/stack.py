@@ -72,8 +72,10 @@ class Supervisor:
 
     def spawn(self, c: Component) -> None:
         with open(self.log_path(c), "ab") as out:
+            # own process group: a terminal's Ctrl-C reaches only the supervisor, which then stops the
+            # components in reverse order (SIGTERM, grace, SIGKILL); PDEATHSIG covers its own death
             c.proc = subprocess.Popen(c.argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **c.env},
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=_die_with_parent, process_group=0)
         c.started = time.monotonic()
         log.info("started", extra={"component": c.name, "pid": c.proc.pid, "counts": {"restarts": c.restarts}})
 
