@@ -95,8 +95,10 @@ class MempoolState:
         self.next_block_median_fee: float | None = None
 
     def apply_ws(self, msg: dict) -> bool:
-        """Fold one push in; True when it carried mempool statistics. Raises BadInput."""
-        relevant = False
+        """Fold one push in; True when it carried mempool statistics. Raises BadInput, and then
+        changes nothing: every part is checked before any is applied (a rejected push must not
+        leave half of itself in the state the next good one publishes)."""
+        updates: list = []
         info = msg.get("mempoolInfo")
         if info is not None:
             if not isinstance(info, dict):
@@ -104,19 +106,17 @@ class MempoolState:
             tx_count = _opt_int(info, "size", "mempoolInfo.size")
             vsize = _opt_int(info, "bytes", "mempoolInfo.bytes")
             total_fee = _opt_num(info, "total_fee", "mempoolInfo.total_fee")  # in BTC/LTC
-            self.tx_count, self.vsize = tx_count, vsize
-            if total_fee is not None:
-                self.total_fee = total_fee
-            relevant = True
+            updates.append({"tx_count": tx_count, "vsize": vsize,
+                            **({"total_fee": total_fee} if total_fee is not None else {})})
         fees = msg.get("fees")
         if fees is not None:
-            self.fees = self._fees(fees)
-            relevant = True
+            updates.append({"fees": self._fees(fees)})
         blocks = msg.get("mempool-blocks")
         if blocks is not None:
-            self._blocks(blocks)
-            relevant = True
-        return relevant
+            updates.append(self._blocks(blocks))
+        for u in updates:
+            self.__dict__.update(u)
+        return bool(updates)
 
     @staticmethod
     def _fees(fees: Any) -> dict[str, float | None]:
@@ -125,15 +125,15 @@ class MempoolState:
         return {k: _opt_num(fees, k, f"fees.{k}") for k in
                 ("fastestFee", "halfHourFee", "hourFee", "economyFee", "minimumFee")}
 
-    def _blocks(self, blocks: Any) -> None:
+    @staticmethod
+    def _blocks(blocks: Any) -> dict:
         if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
             raise BadInput("wrong_type", "mempool-blocks must be a list of objects")
         median = _opt_num(blocks[0], "medianFee", "mempool-blocks[0].medianFee") if blocks else None
         for i, b in enumerate(blocks):
             _opt_num(b, "blockVSize", f"mempool-blocks[{i}].blockVSize")
             _opt_num(b, "nTx", f"mempool-blocks[{i}].nTx")
-        self.projected_blocks = len(blocks)
-        self.next_block_median_fee = median
+        return {"projected_blocks": len(blocks), "next_block_median_fee": median}
 
     def apply_rest_mempool(self, body: Any) -> None:
         """``GET /api/mempool``: {count, vsize, total_fee (sat), fee_histogram [[rate, vsize], ...]}."""
@@ -148,10 +148,10 @@ class MempoolState:
                 raise BadInput("wrong_type", f"fee_histogram[{i}] must be [fee_rate, vsize]")
             levels.append({"fee_rate": _num(lvl[0], f"fee_histogram[{i}].fee_rate"),
                            "vsize": int(_num(lvl[1], f"fee_histogram[{i}].vsize"))})
-        self.histogram = levels
         count = _opt_int(body, "count", "count")
         vsize = _opt_int(body, "vsize", "vsize")
         fee_sat = _opt_num(body, "total_fee", "total_fee")
+        self.histogram = levels  # applied only once every part is valid
         if count is not None:
             self.tx_count = count
         if vsize is not None:

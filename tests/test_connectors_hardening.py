@@ -348,3 +348,15 @@ def test_a_fresh_book_snapshot_is_asked_for_at_least_every_snapshot_every_s(stub
     assert gw.snapshots_due(t + 100) == ["BTCUSDT"]
     assert gw.snapshots_due(t + 150) == []  # asked once, not at every tick until it arrives
     assert gw.snapshots_due(t + 200) == ["BTCUSDT"]  # no snapshot came: ask again one interval later
+
+
+def test_a_rejected_mempool_push_changes_nothing():
+    """mempoolInfo valid, fees invalid: the push is a dead letter, and the mempool counts it carried
+    must not be published by the next good push as if they had been accepted."""
+    sink = Sink()
+    feed = MempoolSpaceFeed("http://127.0.0.1:9", "BTC", ["BTCUSDT"], "mempool.space", sink.publish,
+                            sink.dead_letter)
+    feed.handle_ws('{"mempoolInfo": {"size": 100, "bytes": 5000}}')
+    before = (feed.state.tx_count, feed.state.vsize)
+    feed.handle_ws('{"mempoolInfo": {"size": 999999, "bytes": 1}, "fees": {"fastestFee": -3}}')
+    assert sink.dead and (feed.state.tx_count, feed.state.vsize) == before
