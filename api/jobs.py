@@ -121,6 +121,8 @@ class JobRunner:
                                     errors="replace", cwd=self.cwd,
                                     env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"})
             self._procs[job.id] = proc
+            if self._stopping:  # stop() ran between the start and the registration above
+                proc.terminate()
             timer = threading.Timer(self.timeout_s, proc.kill)
             timer.start()
             tail: deque[str] = deque(maxlen=400)  # untruncated, for the result object
