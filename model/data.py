@@ -331,7 +331,8 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
                  flat_threshold: float | None = None) -> Windows:
     """Windows for these variates. Rows are regridded per symbol onto whole minutes (missing
     minutes -> NaN rows; gaps over a day start a new segment). The close path is recomputed from
-    ``close`` (targets must come from flows.targets); dataset target columns are used when present."""
+    ``close`` (targets must come from flows.targets); the dataset's rv/range target columns are used
+    when its manifest says they are of this horizon."""
     df = ds.frame if isinstance(ds, Dataset) else ds
     manifest = ds.manifest if isinstance(ds, Dataset) else {}
     if flat_threshold is None:
@@ -405,10 +406,15 @@ def make_windows(ds: Dataset | pd.DataFrame, variates: Sequence[str], lookback: 
         path[sl] = tg["close_path"] if paths_given[k] is None else paths_given[k]
         rv[sl] = tg["rv_h"]
         rng[sl] = tg["range_rel_h"] if has_hl else np.nan
-    if "rv_h" in big.columns:
-        rv = np.where(np.isfinite(col("rv_h")), col("rv_h"), rv)
-    if "range_rel_h" in big.columns:
-        rng = np.where(np.isfinite(col("range_rel_h")), col("range_rel_h"), rng)
+    # the dataset's own target columns only when they are of this horizon (its manifest says so): a
+    # dataset built at H=30 and trained at another horizon would mix 30-minute rv/range with the
+    # requested close path
+    ds_h = manifest.get("label_config", {}).get("horizon", manifest.get("horizon"))
+    if ds_h is not None and int(ds_h) == horizon:
+        if "rv_h" in big.columns:
+            rv = np.where(np.isfinite(col("rv_h")), col("rv_h"), rv)
+        if "range_rel_h" in big.columns:
+            rng = np.where(np.isfinite(col("range_rel_h")), col("range_rel_h"), rng)
     ret_h = path[:, -1]
     direction = np.where(np.isnan(ret_h), np.nan,
                          np.where(ret_h > flat_threshold, 1.0, np.where(ret_h < -flat_threshold, -1.0, 0.0)))

@@ -90,11 +90,16 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def per_window_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [B, L, N] -> (normalised x, mean [B, 1, N], std [B, 1, N]) over the time axis."""
+PAPER_EPS_VAR = 1e-5  # the paper's floor, for data standardised beforehand (model.paper_check)
+
+
+def per_window_norm(x: torch.Tensor, eps_var: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, L, N] -> (normalised x, mean [B, 1, N], std [B, 1, N]) over the time axis. The variance
+    floor is the scale-aware ``EPS_VAR * (1 + mean^2)``, or a plain ``eps_var`` (the paper's 1e-5)."""
     mean = x.mean(dim=1, keepdim=True)
     xc = x - mean
-    std = torch.sqrt((xc * xc).mean(dim=1, keepdim=True) + EPS_VAR * (1.0 + mean * mean))
+    floor = EPS_VAR * (1.0 + mean * mean) if eps_var is None else eps_var
+    std = torch.sqrt((xc * xc).mean(dim=1, keepdim=True) + floor)
     return xc / std, mean, std
 
 
@@ -171,7 +176,7 @@ class PaperITransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, x_mark: torch.Tensor | None = None) -> torch.Tensor:
         if self.use_norm:
-            x, mean, std = per_window_norm(x)
+            x, mean, std = per_window_norm(x, PAPER_EPS_VAR)  # the paper's floor: inputs are standardised
         tokens_in = x if x_mark is None else torch.cat([x, x_mark], dim=2)
         enc = self.encoder(self.embed(tokens_in))
         y = self.projector(enc).transpose(1, 2)[:, :, : self.n_variates]  # [B, S, N]

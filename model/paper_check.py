@@ -26,8 +26,10 @@ import pandas as pd
 
 def time_features(dates: pd.Series) -> np.ndarray:
     d = pd.to_datetime(dates)
+    # the paper's four (its code's default freq='h', used by every released script): hour of day,
+    # day of week, day of month, day of year
     return np.stack([d.dt.hour / 23.0 - 0.5, d.dt.day_of_week / 6.0 - 0.5, (d.dt.day - 1) / 30.0 - 0.5,
-                     (d.dt.day_of_year - 1) / 365.0 - 0.5, d.dt.minute / 59.0 - 0.5], axis=1).astype(np.float32)
+                     (d.dt.day_of_year - 1) / 365.0 - 0.5], axis=1).astype(np.float32)
 
 
 def borders(name: str, n: int, lookback: int) -> tuple[list[int], list[int]]:
@@ -122,8 +124,8 @@ def run(csv: str | Path, horizons=(96, 192, 336, 720), lookback: int = 96, epoch
                 bad += 1
                 if bad >= patience:
                     break
-            for g in opt.param_groups:  # the paper's "type1" schedule: halve every epoch
-                g["lr"] = lr * 0.5 ** (ep + 1)
+            for g in opt.param_groups:  # the paper's "type1": lr * 0.5^(epoch - 1) for epochs 1, 2, ...
+                g["lr"] = lr * 0.5 ** ep  # next epoch is ep + 2 (1-based): the first two run at lr
         model.load_state_dict(best_state)
         mse, mae = evaluate(te)
         results.append({"horizon": H, "mse": mse, "mae": mae, "val_mse": best, "epochs": ep + 1,

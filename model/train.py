@@ -217,7 +217,9 @@ def fit_member(w: Windows, train: np.ndarray, val: np.ndarray, cfg: TrainConfig,
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        ep = rng.choice(train, n_per_epoch, replace=False, p=p_draw)
+        # weighted draws with replacement: without it, a train part that fits an epoch is drawn
+        # exactly once whatever the weights (recent_weight had no effect on small train parts)
+        ep = rng.choice(train, n_per_epoch, replace=p_draw is not None, p=p_draw)
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False, unit="batch")

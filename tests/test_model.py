@@ -122,7 +122,7 @@ def test_builder_layout_ts_and_y_columns_is_accepted(synth_ds):
     b = b.drop(columns=["close"])
     from model.data import Dataset, _check_frame
 
-    wb = make_windows(Dataset(_check_frame(b, 5, 0.001), {"label_config": {"flat_threshold": 0.001}}),
+    wb = make_windows(Dataset(_check_frame(b, 5, 0.001), {"label_config": {"flat_threshold": 0.001, "horizon": 5}}),
                       [v for v in VARS if v != "close"], 32, 5)
     wa = make_windows(synth_ds, [v for v in VARS if v != "close"], 32, 5)
     np.testing.assert_array_equal(wa.origins, wb.origins)
