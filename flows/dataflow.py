@@ -77,7 +77,10 @@ class RegistryWatcher:
 
             try:
                 new = load_registry(self.path)
-            except RegistryError as exc:
+                from flows.engine import check_engine_config
+
+                check_engine_config(new)  # the engine: block too, or every symbol's step would raise
+            except (RegistryError, ValueError) as exc:
                 get_logger("features.registry").error("registry change rejected: keeping the running one",
                                                       extra={"error": str(exc), "hash": self.current.hash})
             else:

@@ -53,7 +53,21 @@ class EngineConfig:
         bad = set(reg.config) - set(known)
         if bad:
             raise ValueError(f"unknown engine settings in the registry: {sorted(bad)}")
+        bad_values = [f"{k}={v!r}" for k, v in reg.config.items()
+                      if isinstance(v, bool) or not isinstance(v, (int, float, str)) or not str(v).strip().isdigit()]
+        if bad_values:
+            raise ValueError(f"engine settings must be non-negative integers: {', '.join(bad_values)}")
         return cls(**{k: int(v) for k, v in reg.config.items()})
+
+
+def check_engine_config(registry: Registry) -> EngineConfig:
+    """The registry's ``engine:`` block, checked against its features; ValueError with the reason."""
+    cfg = EngineConfig.from_registry(registry)
+    need = max([s.window_ms // TILE_MS + 1 for s in registry.features if {"book", "trades"} & set(s.inputs)] + [2])
+    if cfg.tile_history_s < need:
+        raise ValueError(f"engine.tile_history_s={cfg.tile_history_s} is shorter than the longest "
+                         f"book/trade window of the registry ({need - 1} s) + 1")
+    return cfg
 
 
 @lru_cache(maxsize=8)
@@ -445,15 +459,11 @@ class SymbolEngine:
         self._snap_version = -1  # a cached book snapshot holds the old registry's levels and bands
         self.registry_path = registry.path
         self.registry_hash = registry.hash
-        self.cfg = EngineConfig.from_registry(registry)
+        self.cfg = check_engine_config(registry)
         # (name, compute, spec, shared): a point-in-time feature (not derived) has one value per tile end
         # whatever the cadence, so it is computed once when several cadences close together
         self._plan = {c: [(s.name, KINDS[s.kind].compute, s, s.window_ms == 0 and s.kind != "zscore")
                           for s in registry.for_cadence(c)] for c in CADENCES}
-        need = max([s.window_ms // TILE_MS + 1 for s in registry.features if {"book", "trades"} & set(s.inputs)] + [2])
-        if self.cfg.tile_history_s < need:
-            raise ValueError(f"engine.tile_history_s={self.cfg.tile_history_s} is shorter than the longest "
-                             f"book/trade window of the registry ({need - 1} s) + 1")
         # windowed book/trade features: the window's length in tiles (see _window_gap)
         self._window_tiles = {s.name: s.window_ms // TILE_MS for s in registry.features
                               if s.window_ms > 0 and {"book", "trades"} & set(s.inputs)}

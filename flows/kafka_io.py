@@ -38,7 +38,15 @@ from flows.metrics import LATENCY, SOURCE_DELAY
 from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
 from tickcast.logs import get_logger
 from tickcast.serde import Serde, SerdeError, default_serde
-from tickcast.topics import FEATURE_INPUT_TOPICS
+from tickcast.topics import FEATURE_INPUT_TOPICS, RAW_TOPIC_OF
+
+_RAW_FIELDS = ("symbol", "exchange_ts", "gw_seq")
+
+
+class NotARawEvent(SerdeError):
+    """A valid record of another contract (a forecast, a control command...) on a raw topic."""
+
+    kind = "schema_mismatch"
 
 log = get_logger("features.kafka")
 
@@ -65,6 +73,16 @@ class _RawPartition(StatefulSourcePartition):
         start = OFFSET_END if from_end else OFFSET_BEGINNING
         self.consumer = AdaptiveConsumer(consumer_config(bootstrap, f"tickcast-features-p{index}"))
         self.tps = {t: TopicPartition(t, index) for t in topics}
+        # a topic without a resume offset starts at a concrete offset, taken now and kept in the
+        # state: a logical "end" would be the end at each restart, skipping what arrived meanwhile
+        for t in topics:
+            if t not in self.offsets:
+                try:
+                    low, high = self.consumer.get_watermark_offsets(self.tps[t], timeout=10, cached=False)
+                    self.offsets[t] = high if from_end else low
+                except Exception as exc:  # noqa: BLE001 - broker not answering yet: the logical start
+                    log.warning("start offset unknown: starting at the logical position", extra={
+                        "topic": t, "partition": index, "error": str(exc)})
         self.consumer.assign([TopicPartition(t, index, self.offsets.get(t, start)) for t in topics])
         self.slack = align_slack_ms
         self.max_queue = max_queue
@@ -127,6 +145,9 @@ class _RawPartition(StatefulSourcePartition):
             self.read_to[topic] = m.offset() + 1
             try:
                 name, rec = decode(m.value())
+                if name not in RAW_TOPIC_OF or any(rec.get(f) is None for f in _RAW_FIELDS):
+                    # a valid record of another contract (a forecast, a control command...): no event
+                    raise NotARawEvent(f"a {name} record is not a raw market event")
             except SerdeError as exc:
                 # queued in offset order with the topic's last time: handed over (and so counted in
                 # the resume offsets) exactly when the messages around it are, never twice
@@ -264,7 +285,8 @@ class _ProducerPartition(StatelessSinkPartition):
     def __init__(self, bootstrap: str, topic: str, schema: str, serde: Serde, stamp_emit: bool):
         from confluent_kafka import Producer
 
-        self.producer = Producer(producer_config(bootstrap, **{"linger.ms": 0}))
+        self.producer = Producer(producer_config(bootstrap, **{"linger.ms": 0, "on_delivery": self._delivered}))
+        self.failed: list[str] = []
         self.topic = topic
         self.schema = schema
         self.serde = serde
@@ -285,7 +307,16 @@ class _ProducerPartition(StatelessSinkPartition):
                     break
                 except BufferError:  # local queue full: let it drain, never drop
                     self.producer.poll(0.05)
-        self.producer.poll(0)
+        # Bytewax commits the epoch's snapshot once this returns: every record must be on the broker
+        # by then, or a crash right after would lose it for good (the resume starts past it)
+        self.producer.flush()
+        if self.failed:
+            errors, self.failed = self.failed, []
+            raise RuntimeError(f"{len(errors)} records not delivered to {self.topic}: {errors[:3]}")
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self.failed.append(str(err))
 
     def close(self):
         self.producer.flush(30)

@@ -243,14 +243,18 @@ class AdaptiveConsumer:
     def lag(self) -> int | None:
         """Messages below the cached high watermarks not yet handed out (unpaused partitions);
         None while a partition's position or watermark is unknown."""
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
         total = 0
         for (topic, part), start in self._start.items():
             if (topic, part) in self._paused:
                 continue
-            high = self._c.get_watermark_offsets(TopicPartition(topic, part), cached=True)[1]
+            low, high = self._c.get_watermark_offsets(TopicPartition(topic, part), cached=True)
             pos = self._next.get((topic, part), start)
+            if pos == OFFSET_BEGINNING:
+                pos = low  # assigned at the beginning, nothing handed out yet (as in starved())
+            elif pos == OFFSET_END:
+                continue  # assigned at the end, nothing handed out yet: no lag of its own
             if high < 0 or pos < 0:
                 return None
             total += max(0, high - pos)
