@@ -109,8 +109,12 @@ class PredictionService:
         self.pending: dict[int, dict] = {}
         self.pending_outcomes: dict[str, dict[tuple[int, str], dict]] = {s: {} for s in self.symbols}
         self.served: set[tuple[str, int, str]] = set()
+        # minutes with a forecast by any version: after a restart under a new champion, catch-up must not
+        # forecast them a second time (a second, stale signal on SSE and signals.live)
+        self.forecast_minutes: set[tuple[str, int]] = set()
         self.coverage: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=self.opt.coverage_window))
         self.psi: dict[str, dict[str, float]] = {}
+        self.last_live_minute: dict[str, int] = {}  # newest non-history m1 minute per symbol
         self.counts: dict[str, dict[str, int]] = {s: defaultdict(int) for s in self.symbols}
         self.seq_errors: dict[str, dict[str, int]] = {s: defaultdict(int) for s in self.symbols}  # reason -> n
         self.inference_ms: deque[float] = deque(maxlen=2000)
@@ -185,6 +189,10 @@ class PredictionService:
             self.metrics.model_info.labels(old.spec.version).set(0)
             self.metrics.model_swaps.inc()
         self.metrics.model_info.labels(new.spec.version).set(1)
+        # drift is relative to the champion's own training summary: the old one's numbers go with it
+        self.psi.clear()
+        self.metrics.feature_psi.clear()
+        self.metrics.feature_psi_max.clear()
         need = new.spec.lookback + new.spec.horizon + self.opt.outcome_grace_minutes + 5
         for h in self.history.values():
             h.capacity = max(h.capacity, need)
@@ -352,7 +360,10 @@ class PredictionService:
             return  # not ours to dead-letter: the control topic has other writers
         sym = rec.get("symbol") if name == "ControlCommand" else None
         if sym in self.seq_errors and rec.get("command") == "resync":
-            self.seq_errors[sym][rec.get("reason") or "unknown"] += 1
+            # by kind ("gap", "crossed", "book stale"...): the full reason carries sequence numbers and
+            # prices, one new key per resync for as long as the API runs
+            reason = str(rec.get("reason") or "unknown")
+            self.seq_errors[sym][reason.split(":", 1)[0].strip()[:60] or "unknown"] += 1
 
     def _on_minute(self, rec: dict, backlog: bool) -> None:
         sym = rec["symbol"]
@@ -368,13 +379,18 @@ class PredictionService:
         self.stale_logged.discard(sym)
         history = bool(rec.get("history"))
         self.store.put(CANDLES, [{**candle_of(obs), "symbol": sym, "venue": obs.venue, "history": history}])
+        if res.gap_minutes:  # also before a history vector: the minutes before it never came
+            self._record_gap(sym, res.gap_from, res.gap_minutes)
         if history:  # a minute before the live stream (rebuilt from klines): lookback only, no forecast
             self.metrics.records_in.labels("history").inc()
+            live = self.last_live_minute.get(sym)
+            if live is not None and minute > live:  # in this API's live period: it leaves a row
+                self._record_skips(sym, [minute], "the minute came only as a history vector (the feature "
+                                                  "flow restarted and rebuilt it from klines): no forecast")
             return
+        self.last_live_minute[sym] = max(minute, self.last_live_minute.get(sym, minute))
         if not obs.book_valid:
             self.counts[sym]["book_invalid_minutes"] += 1
-        if res.gap_minutes:
-            self._record_gap(sym, res.gap_from, res.gap_minutes)
         self._join_outcomes(sym)
         if res.kind == "late":
             return
@@ -388,10 +404,7 @@ class PredictionService:
         batch = self.pending.setdefault(minute, {"syms": set(), "deadline": time.monotonic() + self.opt.batch_wait_s})
         batch["syms"].add(sym)
         if self._complete(minute, batch):
-            for origin in sorted(o for o in self.pending if o < minute):  # keep the minutes in order
-                if self._complete(origin, self.pending[origin]):
-                    self._run_batch(origin)
-            self._run_batch(minute)
+            self._flush_batches(time.monotonic())  # oldest first, stopping at one still waiting
 
     def _complete(self, minute: int, batch: dict) -> bool:
         for s in self.symbols:
@@ -405,8 +418,11 @@ class PredictionService:
     def _flush_batches(self, now: float) -> None:
         for origin in sorted(self.pending):
             b = self.pending.get(origin)
-            if b is not None and (now >= b["deadline"] or self._complete(origin, b)):
-                self._run_batch(origin)
+            if b is None:
+                continue
+            if not (now >= b["deadline"] or self._complete(origin, b)):
+                break  # the minutes go out in order: a later one waits for this one
+            self._run_batch(origin)
 
     # ------------------------------------------------------------------ inference
     def _run_batch(self, origin: int) -> None:
@@ -419,7 +435,7 @@ class PredictionService:
         issued = _now_us()
         ready, skips = [], []
         for sym in sorted(batch["syms"]):
-            if (sym, origin, version) in self.served:
+            if (sym, origin, version) in self.served or (sym, origin) in self.forecast_minutes:
                 continue
             obs = self.history[sym].get(origin)
             simulated = bool(obs and obs.venue.startswith("sim"))
@@ -496,6 +512,7 @@ class PredictionService:
             rows.append(self._prediction_row(fc, sig, status))
             self._set_latest(sym, {"status": status, "forecast": fc, "signal": sig, "reason": fc["reason"]})
             self.served.add((sym, origin, version))
+            self.forecast_minutes.add((sym, origin))
             self.pending_outcomes[sym][(origin, version)] = {
                 "fc": fc, "q_lo": model.spec.q_low_index, "q_hi": model.spec.q_high_index,
                 "flat": model.spec.flat_threshold}
@@ -585,16 +602,20 @@ class PredictionService:
         self.counts[sym]["gap_minutes"] += n
         log.warning("data gap on features.live", extra={"symbol": sym, "from_ts": first,
                                                          "counts": {"missing_minutes": n}})
+        start = max(first, first + (n - self.opt.gap_rows_limit) * MINUTE_MS)
+        self._record_skips(sym, range(start, first + n * MINUTE_MS, MINUTE_MS),
+                           "no m1 feature vector on features.live for this minute (data gap)")
+
+    def _record_skips(self, sym: str, minutes, reason: str) -> None:
+        """Skipped prediction rows (no forecast, with the reason) for minutes not served yet."""
         model = self.model
         version = model.spec.version if model else ""
         rows = []
-        start = max(first, first + (n - self.opt.gap_rows_limit) * MINUTE_MS)
-        for m in range(start, first + n * MINUTE_MS, MINUTE_MS):
-            if (sym, m, version) in self.served:
+        for m in minutes:
+            if (sym, m, version) in self.served or (sym, m) in self.forecast_minutes:
                 continue
             self.served.add((sym, m, version))
-            rows.append(self._skip_row(sym, m, version, model,
-                                       "no m1 feature vector on features.live for this minute (data gap)", None))
+            rows.append(self._skip_row(sym, m, version, model, reason, None))
         if rows:
             self.store.put(PREDICTIONS, rows)
 
@@ -680,6 +701,7 @@ class PredictionService:
         if len(self.served) > 50_000:
             cutoff = int(now * 1000) - (self.opt.catchup_minutes + 2 * self._model_span()) * MINUTE_MS
             self.served = {k for k in self.served if k[1] >= cutoff}
+            self.forecast_minutes = {k for k in self.forecast_minutes if k[1] >= cutoff}
 
     def _restore(self) -> None:
         """Served keys, forecasts still waiting for their outcome and the latest prediction per symbol."""
@@ -692,6 +714,8 @@ class PredictionService:
         for r in rows:
             key = (r["symbol"], r["origin_ts"], r["model_version"])
             self.served.add(key)
+            if r["status"] != "skipped":
+                self.forecast_minutes.add((r["symbol"], r["origin_ts"]))
             if r["status"] == "skipped":
                 fc = None
             else:
