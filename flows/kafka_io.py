@@ -78,11 +78,12 @@ class _RawPartition(StatefulSourcePartition):
         for t in topics:
             if t not in self.offsets:
                 try:
-                    low, high = self.consumer.get_watermark_offsets(self.tps[t], timeout=10, cached=False)
+                    low, high = self.consumer.get_watermark_offsets(self.tps[t], timeout=2, cached=False)
                     self.offsets[t] = high if from_end else low
                 except Exception as exc:  # noqa: BLE001 - broker not answering yet: the logical start
-                    log.warning("start offset unknown: starting at the logical position", extra={
+                    log.warning("start offsets unknown: starting at the logical position", extra={
                         "topic": t, "partition": index, "error": str(exc)})
+                    break  # one round trip failed: do not wait for the others too
         self.consumer.assign([TopicPartition(t, index, self.offsets.get(t, start)) for t in topics])
         self.slack = align_slack_ms
         self.max_queue = max_queue
