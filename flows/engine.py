@@ -483,9 +483,13 @@ class SymbolEngine:
         self._hist_by_cadence = {c: {name: h for (cc, name), h in self.history.items() if cc == c} for c in CADENCES}
 
     def reload(self, registry: Registry) -> None:
-        """Switch to another registry at run time (takes effect at the next window)."""
+        """Switch to another registry at run time (takes effect at the next window), its engine:
+        settings included (the gw_seq hold and the tiles kept)."""
         self._attach(registry)
         self._init_history()
+        self.seq.hold_events, self.seq.hold_ms = self.cfg.seq_hold_events, self.cfg.seq_hold_ms
+        if self.tiles.maxlen != self.cfg.tile_history_s:
+            self.tiles = deque(self.tiles, maxlen=self.cfg.tile_history_s)
 
     def __getstate__(self):
         state = {k: v for k, v in self.__dict__.items() if k not in ("registry", "cfg", "_plan", "_hist_by_cadence")}

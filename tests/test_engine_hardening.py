@@ -10,6 +10,7 @@ Only public entry points are used: ``SymbolEngine`` / ``new_engine`` (process, f
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from flows.book import from_fixed
 from flows.engine import new_engine
@@ -228,3 +229,20 @@ def test_liquidity_density_is_null_when_the_book_does_not_reach_the_band():
     # today: d10 == d25 == everything the feed shows, no null
     assert d10 is None and d25 is None, (
         f"liquidity_density_10bps={d10} == 25bps={d25} while the visible book ends {span_bps:.1f} bps from the mid")
+
+
+def test_a_reload_applies_the_new_engine_settings(tmp_path):
+    """The gw_seq hold and the tiles kept come from the registry's engine: block: a reload must apply
+    them to the running engine, not only to engines created after it."""
+    from flows.registry import DEFAULT_PATH
+
+    s = SynthStream(seed=9)
+    s.run(3)
+    eng = new_engine("BTCUSDT")
+    eng.process(s.out)
+    text = Path(DEFAULT_PATH).read_text()
+    text = text.replace("seq_hold_ms: 20000", "seq_hold_ms: 7000").replace("tile_history_s: 301", "tile_history_s: 400")
+    reg = tmp_path / "features.yaml"
+    reg.write_text(text)
+    eng.reload(load_registry(reg))
+    assert (eng.seq.hold_ms, eng.tiles.maxlen) == (7000, 400)
