@@ -78,7 +78,7 @@ class _RawPartition(StatefulSourcePartition):
         for t in topics:
             if t not in self.offsets:
                 try:
-                    low, high = self.consumer.get_watermark_offsets(self.tps[t], timeout=2, cached=False)
+                    low, high = self.consumer.get_watermark_offsets(self.tps[t], timeout=1, cached=False)
                     self.offsets[t] = high if from_end else low
                 except Exception as exc:  # noqa: BLE001 - broker not answering yet: the logical start
                     log.warning("start offsets unknown: starting at the logical position", extra={
