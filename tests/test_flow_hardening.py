@@ -12,7 +12,7 @@ import time
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Producer, TopicPartition
 
-from flows.kafka_io import _RawPartition, KafkaRecordSink, dead_letter
+from flows.kafka_io import KafkaRecordSink, _RawPartition, dead_letter
 from tickcast.broker import EmbeddedBroker
 from tickcast.kafka import AdaptiveConsumer, consumer_config, producer_config
 from tickcast.serde import Serde
