@@ -140,8 +140,20 @@ def test_paper_model_normalisation_floor_is_the_papers():
     _, _, std = per_window_norm(x, PAPER_EPS_VAR)
     paper_std = torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
     torch.testing.assert_close(std, paper_std, rtol=1e-6, atol=0)
-    import inspect
 
-    from model.itransformer import PaperITransformer
 
-    assert "PAPER_EPS_VAR" in inspect.getsource(PaperITransformer.forward)
+def test_the_paper_model_normalises_with_the_papers_floor(monkeypatch):
+    from model import itransformer as M
+
+    floors = []
+    real = M.per_window_norm
+
+    def recording(x, eps_var=None):
+        floors.append(eps_var)
+        return real(x, eps_var)
+
+    monkeypatch.setattr(M, "per_window_norm", recording)
+    m = M.PaperITransformer(n_variates=2, lookback=16, pred_len=4, d_model=8, n_heads=2, d_ff=8).eval()
+    with torch.no_grad():
+        m(torch.randn(3, 16, 2))
+    assert floors == [M.PAPER_EPS_VAR]
