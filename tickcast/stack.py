@@ -46,7 +46,6 @@ class Component:
     # runtime state
     proc: subprocess.Popen | None = None
     restarts: int = 0
-    exits: list[float] = field(default_factory=list)
     started: float = 0.0  # monotonic time of the last start
     quick_exits: int = 0  # exits in a row, each less than the crash window after its start
     next_start: float = 0.0
@@ -90,7 +89,6 @@ class Supervisor:
             return
         c.proc = None
         c.last_exit = code
-        c.exits = [t for t in c.exits if now - t < self.crash_window_s] + [now]
         c.restarts += 1
         # the backoff doubles with every exit soon after a start and resets only after a run that
         # lasted the crash window: a child that never stays up waits backoff_max, not a cycle of delays
